@@ -1,0 +1,37 @@
+"""Shared builders for the tests: a tiny LLaMA from a config and PEFT adapters saved as real folders."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, layers: int = 2, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer LLaMA with random weights (d_in != d_out for k, v, gate, up, down)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=hidden, intermediate_size=hidden * 3 // 2 + 8, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_peft_adapter(
+    base: LlamaForCausalLM, path: Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+    targets: list[str] | None = None, use_rslora: bool = False,
+) -> Path:
+    """Train-free PEFT LoRA folder: PEFT's own init for A, random (non-zero) B, saved by PEFT."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or ALL_PROJECTIONS, lora_dropout=0.0, use_rslora=use_rslora)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(str(path))
+    return path
