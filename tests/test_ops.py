@@ -168,3 +168,13 @@ def test_mix_adapters_with_given_routing():
     expected = torch.stack([sum(w[t, j] * scaling[i] * lora_b[i] @ lora_a[i] @ x[t] for j, i in enumerate(idx[t].tolist())) for t in range(6)])
     for strategy in ["reference", "loop", "bmm", "fused"]:
         assert torch.allclose(mix_adapters(x, idx, w, lora_a, lora_b, scaling, strategy), expected)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if torch.Size(c[5]).numel() <= 10], ids=lambda c: f"N{c[0]}-k{c[2]}")
+def test_triton_strategy_through_the_op(case):
+    """The op's "triton" strategy (kernels under TRITON_INTERPRET=1, see conftest) against float64."""
+    n, ranks, top_k, d_in, d_out, leading, temperature = case
+    x, gate, lora_a, lora_b, scaling = make_inputs(n, ranks, d_in, d_out, leading, 99, torch.float32)
+    expected, _, _ = float64_oracle(x, gate, lora_a, lora_b, scaling, top_k, temperature)
+    delta, _ = moe_lora(x, gate, lora_a, lora_b, scaling, top_k, temperature, "triton")
+    assert rel_err(delta, expected) < 1e-5

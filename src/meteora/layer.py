@@ -63,17 +63,17 @@ class MeteoRALinear(nn.Module):
         out = self.base(x)
         i = self.forced_adapter
         if i is not None and self.forced_single:
-            return out + lora_delta(x, self.lora_a[i], self.lora_b[i], float(self.scaling[i]))
+            return out + lora_delta(x, self.lora_a[i], self.lora_b[i], self.scaling[i].to(x.dtype))
         if i is not None:
             routing = forced_routing(x.new_zeros(*x.shape[:-1], self.num_adapters), i)
-            delta = mix_adapters(x, routing.indices, routing.weights, self.lora_a, self.lora_b, self.scaling, self.strategy)
+            out = out + mix_adapters(x, routing.indices, routing.weights, self.lora_a, self.lora_b, self.scaling, self.strategy)
         else:
-            delta, routing = moe_lora(
+            out, routing = moe_lora(
                 x, self.gate.weight, self.lora_a, self.lora_b, self.scaling,
-                self.top_k, self.temperature, self.strategy, mode=self.mode,
+                self.top_k, self.temperature, self.strategy, mode=self.mode, out=out,
             )
         self.last_routing = routing if self.keep_routing else None
-        return out + delta
+        return out
 
     def extra_repr(self) -> str:
         return (

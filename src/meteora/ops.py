@@ -10,9 +10,10 @@ Strategies (all compute in x's dtype with float32 accumulation, float64 stays fl
 * ``"loop"``: the paper's loop-original: per adapter, gather its tokens, apply it, index-add back.
 * ``"bmm"``: the paper's bmm-torch: a copy of A and B per (token, chosen adapter), two batched matmuls.
 * ``"triton"``: the paper's Triton idea: kernels that read the chosen adapters in place.
-* ``"fused"``: ours. On CUDA the Triton kernels of :mod:`meteora.kernels`; elsewhere (and whenever the
-  adapters themselves are trained, as in MoLoRA) one GEMM of x against all adapters' A, the routing
-  weights scattered onto it, one GEMM against all adapters' B.
+* ``"fused"``: ours. On CUDA the Triton kernels of :mod:`meteora.kernels` (gate and routing fused, the
+  delta accumulated into the base output); elsewhere one GEMM of x against all adapters' A, the routing
+  weights scattered onto it, one GEMM against all adapters' B. Both differentiate into the adapters too
+  (MoLoRA trains them).
 * ``"auto"``: the fastest correct strategy for the device (see :func:`resolve_strategy`).
 """
 from __future__ import annotations
@@ -172,12 +173,15 @@ def moe_lora(
     *,
     mode: str = "topk",
     gate_input: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Routing]:
     """The gated mixture of LoRA adapters.
 
     x: (..., d_in); gate_weight: (N, d_in); lora_a: (N, r, d_in); lora_b: (N, d_out, r);
     scaling: (N,) or a float; gate_input: (..., d_in), what the gate reads if not x (sentence routing).
     Returns delta (..., d_out) in x's dtype and the :class:`Routing` with leading shape x.shape[:-1].
+    With ``out`` (..., d_out), e.g. the base layer's output, ``out + delta`` is returned instead; on CUDA
+    the kernels add into ``out`` in place (one read-modify-write, no delta tensor).
     """
     check_shapes(x, gate_weight, lora_a, lora_b)
     num_adapters = lora_a.shape[0]
@@ -186,23 +190,23 @@ def moe_lora(
         raise ValueError(f"gate_input has shape {tuple(gate_input.shape)}, expected x's {tuple(x.shape)}")
     strategy = resolve_strategy(strategy, x)
     leading = x.shape[:-1]
+    d_out = lora_b.shape[1]
     x2 = x.reshape(-1, x.shape[-1])
-    adapters_trained = lora_a.requires_grad or lora_b.requires_grad
-    if strategy == "fused" and x.is_cuda and gate_input is None and not adapters_trained:
+    if strategy == "fused" and x.is_cuda and gate_input is None:
         from .kernels import fused_moe_lora
 
         scale = _scaling_tensor(scaling, num_adapters, x.device).float()
+        out2 = None if out is None else out.reshape(-1, d_out)
         delta, logits, indices, weights = fused_moe_lora(
-            x2, gate_weight.to(x.dtype), lora_a.to(x.dtype), lora_b.to(x.dtype), scale, top_k, temperature, mode
+            x2, gate_weight.to(x.dtype), lora_a.to(x.dtype), lora_b.to(x.dtype), scale, top_k, temperature, mode, out=out2
         )
-        routing = Routing(logits, indices, weights)
-    else:
-        gate_x = x2 if gate_input is None else gate_input.reshape(-1, x.shape[-1])
-        routing = route(gate_x @ gate_weight.to(x.dtype).T, top_k, temperature, mode)
-        delta = mix_adapters(x2, routing.indices, routing.weights, lora_a, lora_b, scaling, strategy)
-    return delta.reshape(*leading, lora_b.shape[1]), routing.reshape(*leading)
+        return delta.reshape(*leading, d_out), Routing(logits, indices, weights).reshape(*leading)
+    gate_x = x2 if gate_input is None else gate_input.reshape(-1, x.shape[-1])
+    routing = route(gate_x @ gate_weight.to(x.dtype).T, top_k, temperature, mode)
+    delta = mix_adapters(x2, routing.indices, routing.weights, lora_a, lora_b, scaling, strategy).reshape(*leading, d_out)
+    return (delta if out is None else out + delta), routing.reshape(*leading)
 
 
-def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
     """One LoRA: x (..., d_in), lora_a (r, d_in), lora_b (d_out, r) -> scaling * B A x (..., d_out)."""
     return (x @ lora_a.to(x.dtype).T) @ lora_b.to(x.dtype).T * scaling

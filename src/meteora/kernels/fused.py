@@ -1,0 +1,489 @@
+"""The fused mixture-of-LoRA forward and backward (strategy "fused" on CUDA).
+
+Forward, with no host synchronisation anywhere (CUDA-graph capturable):
+
+1. two cuBLAS GEMMs: the gate logits x W_g^T (T, N) and every adapter's down-projection h = x A^T (T, N r),
+   both in x's dtype, the same products as the reference's (so the routing is the reference's);
+2. one Triton kernel per regime:
+   * few tokens (< LARGE_TOKENS): ``_route_expand_kernel``: per block of tokens, top-k (the lower index wins
+     ties) and softmax of the logits, then the chosen adapters' B as one tensor-core product over the
+     adapter axis in which chunks of adapters that no token of the block chose are skipped, written or
+     accumulated into the base output in x's dtype;
+   * many tokens: ``_route_mix_kernel`` (routing, then H = w s h scattered onto the adapter axis) and one
+     cuBLAS GEMM out += H B_flat, because re-reading h per output block would cost more than the GEMM.
+
+The A side is dense: N r d_in multiply-adds per token (4% of a LLaMA3-8B layer at N=28, r=8); the B side
+reads only chosen adapters (few tokens) or is one K = N r GEMM (many tokens). Extra memory: h (T, N r),
+logits (T, N), and for many tokens H (T, N r).
+
+Backward (gate training): u = g B (cuBLAS), one Triton kernel for the routing backward (dw = s <u, h>, the
+top-k softmax Jacobian, the logits' and weights' own gradients), cuBLAS for dx = dlogits W_g + (w s u) A
+and dW_g = dlogits^T x; with adapters trained (MoLoRA) also dA = (w s u)^T x and dB = g^T (w s h).
+
+Launch overhead decides the speed at few tokens, so every kernel is compiled without specialising on its
+runtime arguments' values and, after its first launch per configuration, launched straight through the
+compiled kernel (see :func:`_launch`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, pow2, prune_by_tokens, tl_dtype, token_bucket, use_ieee_dot
+
+MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
+# From this many tokens on, the forward takes the many-token regime (see the module docstring); measured on
+# an H100 at LLaMA3-8B shapes, the few-token kernel's per-block routing and chunk loop already cost more
+# than the cuBLAS product at 256 tokens.
+LARGE_TOKENS = 64
+_COMPILED: dict[tuple, tuple[Any, tuple, dict]] = {}
+
+
+def _jit(int_args: list[str], ptr_args: list[str]):
+    """triton.jit compiled once for all values of the runtime arguments (no specialisation on their
+    values or alignment), which is what makes :func:`_launch`'s direct launches valid."""
+    try:
+        return triton.jit(do_not_specialize=int_args, do_not_specialize_on_alignment=ptr_args)
+    except TypeError:  # a Triton without alignment specialisation control
+        return triton.jit(do_not_specialize=int_args)
+
+
+def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, args: tuple, constexprs: dict) -> None:
+    """Launch a kernel (a JITFunction, or an Autotuner over one) with runtime ``args`` and ``constexprs``.
+
+    The first launch per ``key`` goes through Triton (autotuning, compiling); later ones call the compiled
+    kernel directly, skipping Triton's per-launch argument binding and cache lookup (tens of microseconds
+    a launch, the larger part of a decode step's mixture). ``key`` must name everything that selects the
+    compiled kernel: dtypes of the tensor arguments and every constexpr; the current device is added here.
+    """
+    key = (torch.cuda.current_device() if torch.cuda.is_initialized() else -1, *key)
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        compiled, tail, meta = hit
+        dims = tuple(grid(meta)) + (1, 1)
+        compiled[dims[:3]](*args, *tail)
+        return
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    jit = kernel.fn if tuned else kernel
+    if tuned:
+        kernel[grid](*args, **constexprs)
+        meta = {**constexprs, **kernel.best_config.all_kwargs()}
+        compiled = None if INTERPRET else jit.warmup(*args, grid=grid, **meta)
+    else:
+        meta = constexprs
+        compiled = kernel[grid](*args, **meta)
+    if INTERPRET:
+        return
+    tail = tuple(meta[p.name] for p in jit.params if p.is_constexpr)
+    _COMPILED[key] = (compiled, tail, meta)
+
+
+@triton.jit
+def _mma(a, b, acc, DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with both operands rounded to DTYPE (tensor cores), or in exact float32 if IEEE."""
+    a = a.to(DTYPE)
+    b = b.to(DTYPE)
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _route(logits, gcols, inv_temp, K: tl.constexpr, KP: tl.constexpr, MODE: tl.constexpr):
+    """Routing of a (BM, NP) logits tile (-inf past N).
+
+    Returns coef (BM, NP): each adapter's mixing weight (0 if not chosen); probs (BM, NP): softmax over all
+    adapters; chosen (BM, NP) bool; idx (BM, KP) int32 and w (BM, KP): the top-k, best first (lower index
+    wins ties). For MODE soft every adapter is chosen and idx/w are unused.
+    """
+    scaled = logits * inv_temp
+    row_max = tl.max(scaled, axis=1)
+    ex = tl.exp(scaled - row_max[:, None])
+    den = tl.sum(ex, axis=1)
+    probs = ex / den[:, None]
+    kcols = tl.arange(0, KP)
+    idx = tl.zeros((logits.shape[0], KP), dtype=tl.int32)
+    w = tl.zeros((logits.shape[0], KP), dtype=tl.float32)
+    if MODE == 1:
+        chosen = logits > float("-inf")
+        coef = probs
+    else:
+        chosen = logits != logits  # all False
+        work = logits
+        for j in tl.static_range(K):
+            best = tl.max(work, axis=1)
+            pick = tl.min(tl.where(work == best[:, None], gcols[None, :], gcols.shape[0]), axis=1)
+            pick = tl.minimum(pick, gcols.shape[0] - 1)
+            hit = gcols[None, :] == pick[:, None]
+            idx = tl.where(kcols[None, :] == j, pick[:, None], idx)
+            w = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, ex, 0.0), axis=1)[:, None], w)
+            chosen = chosen | hit
+            work = tl.where(hit, float("-inf"), work)
+        if MODE == 0:
+            kept = tl.where(chosen, ex, 0.0)
+            norm = tl.sum(kept, axis=1)
+        else:
+            norm = den
+        coef = tl.where(chosen, ex, 0.0) / norm[:, None]
+        w = w / norm[:, None]
+    return coef, probs, chosen, idx, w
+
+
+@triton.jit
+def _column_coef(idx, w, adapter, kcols, K: tl.constexpr):
+    """(BM, BK) mixing weight of each column's adapter: sum over the k chosen of w where idx matches."""
+    col = tl.zeros((idx.shape[0], adapter.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(K):
+        idx_j = tl.sum(tl.where(kcols[None, :] == j, idx, 0), axis=1)
+        w_j = tl.sum(tl.where(kcols[None, :] == j, w, 0.0), axis=1)
+        col += tl.where(adapter[None, :] == idx_j[:, None], w_j[:, None], 0.0)
+    return col
+
+
+@triton.jit
+def _load_logits(gl_ptr, rows, rmask, gcols, N):
+    """(BM, NP) float32 gate logits; -inf past N."""
+    gmask = gcols < N
+    logits = tl.load(gl_ptr + rows[:, None] * N + gcols[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
+    return tl.where(gmask[None, :], logits.to(tl.float32), float("-inf"))
+
+
+@triton.jit
+def _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp,
+                  MODE: tl.constexpr, K: tl.constexpr):
+    """(BM, BK) w s of the adapter of each column e r + q of the adapter axis (0 where not chosen)."""
+    adapter = cols // R
+    if MODE == 1:  # every adapter: its softmax weight, from the logits reloaded per column
+        scaled = logits * inv_temp
+        row_max = tl.max(scaled, axis=1)
+        row_den = tl.sum(tl.exp(scaled - row_max[:, None]), axis=1)
+        col_logits = tl.load(gl_ptr + rows[:, None] * N + adapter[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        coef = tl.exp(col_logits.to(tl.float32) * inv_temp - row_max[:, None]) / row_den[:, None]
+    else:
+        coef = _column_coef(idx, w, adapter, kcols, K)
+    return coef * tl.load(scale_ptr + adapter, mask=cmask, other=0.0)[None, :]
+
+
+@triton.jit
+def _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N,
+                   MODE: tl.constexpr, K: tl.constexpr):
+    gmask = rmask[:, None] & (gcols < N)[None, :]
+    tl.store(logits_ptr + rows[:, None] * N + gcols[None, :], logits, mask=gmask)
+    if MODE == 1:
+        tl.store(w_ptr + rows[:, None] * N + gcols[None, :], coef, mask=gmask)
+    else:
+        kmask = rmask[:, None] & (kcols < K)[None, :]
+        tl.store(idx_ptr + rows[:, None] * K + kcols[None, :], idx.to(tl.int64), mask=kmask)
+        tl.store(w_ptr + rows[:, None] * K + kcols[None, :], w, mask=kmask)
+
+
+_EXPAND_PTRS = ["gl_ptr", "h_ptr", "b_ptr", "scale_ptr", "out_ptr", "logits_ptr", "idx_ptr", "w_ptr"]
+_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_out_t"]
+_EXPAND_CONFIGS = [
+    triton.Config({"BM": 16, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 256, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 16, "BN": 128, "BK": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 32, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=2),
+]
+
+
+@triton.autotune(configs=_EXPAND_CONFIGS, key=["T_BUCKET", "DOUT", "NR"],
+                 prune_configs_by={"early_config_prune": prune_by_tokens()}, restore_value=["out_ptr"])
+@_jit(_EXPAND_INTS, _EXPAND_PTRS)
+def _route_expand_kernel(
+    gl_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
+    T, N, R, NR, DOUT, T_BUCKET, stride_out_t, inv_temp,
+    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
+    ACCUMULATE: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Route a block of tokens and write (or add) sum_e w_te s_e B_e h_te for a block of output columns.
+    gl (T, N) and h (T, N r) in x's dtype; B (N, DOUT, R) contiguous."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    gcols = tl.arange(0, NP)
+    kcols = tl.arange(0, KP)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
+    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+    if pid_n == 0:
+        _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+
+    ncols = pid_n * BN + tl.arange(0, BN)
+    nmask = ncols < DOUT
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c0 in range(0, NR, BK):
+        cols = c0 + tl.arange(0, BK)
+        cmask = cols < NR
+        col_coef = _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp, MODE, K)
+        if tl.max(tl.abs(col_coef)) > 0:  # some token of the block chose an adapter of this chunk
+            h = tl.load(h_ptr + rows[:, None] * NR + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            adapter = cols // R
+            b = tl.load(
+                b_ptr + adapter[:, None] * DOUT * R + ncols[None, :] * R + (cols - adapter * R)[:, None],
+                mask=cmask[:, None] & nmask[None, :], other=0.0,
+            )
+            acc = _mma(h.to(tl.float32) * col_coef, b, acc, DTYPE, IEEE)
+    out_ptrs = out_ptr + rows[:, None] * stride_out_t + ncols[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(DTYPE), mask=omask)
+
+
+@_jit(["T", "N", "R", "NR"], ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
+def _route_mix_kernel(
+    gl_ptr, h_ptr, scale_ptr, mix_ptr, logits_ptr, idx_ptr, w_ptr,
+    T, N, R, NR, inv_temp,
+    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, DTYPE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """Route a block of tokens and write mix[t, e r + q] = w_te s_e h_te[q] (0 for adapters not chosen)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < T
+    gcols = tl.arange(0, NP)
+    kcols = tl.arange(0, KP)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
+    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+    _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+    for c0 in range(0, NR, BK):
+        cols = c0 + tl.arange(0, BK)
+        cmask = cols < NR
+        mask = rmask[:, None] & cmask[None, :]
+        col_coef = _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp, MODE, K)
+        h = tl.load(h_ptr + rows[:, None] * NR + cols[None, :], mask=mask & (col_coef != 0), other=0.0).to(tl.float32)
+        tl.store(mix_ptr + rows[:, None] * NR + cols[None, :], (h * col_coef).to(DTYPE), mask=mask)
+
+
+@_jit(["T", "N", "R", "NR"], ["logits_ptr", "h_ptr", "u_ptr", "scale_ptr", "grad_logits_ptr", "grad_w_ptr",
+                              "dlogits_ptr", "coef_u_ptr", "coef_h_ptr"])
+def _route_backward_kernel(
+    logits_ptr, h_ptr, u_ptr, scale_ptr, grad_logits_ptr, grad_w_ptr,
+    dlogits_ptr, coef_u_ptr, coef_h_ptr,
+    T, N, R, NR, inv_temp,
+    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+    HAS_GRAD_LOGITS: tl.constexpr, HAS_GRAD_W: tl.constexpr, WRITE_COEF_H: tl.constexpr,
+    DTYPE: tl.constexpr, BM: tl.constexpr,
+):
+    """Routing backward for a block of tokens.
+
+    dw[t, e] = s_e <u[t, e], h[t, e]> (+ the weights' own gradient) for chosen e; through the routing
+    softmax, dlogits = P (dw - sum_e coef dw) / T (+ the logits' own gradient), P = coef, or the full
+    softmax for top-k without renormalisation. Also writes coef_u = coef s u (and coef_h = coef s h).
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < T
+    gcols = tl.arange(0, NP)
+    gmask = rmask[:, None] & (gcols < N)[None, :]
+    logits = _load_logits(logits_ptr, rows, rmask, gcols, N)
+    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+
+    q = tl.arange(0, RP)
+    qmask = rmask[:, None] & (q < R)[None, :]
+    dw = tl.zeros((BM, NP), dtype=tl.float32)
+    for e in range(N):
+        sel = gcols[None, :] == e
+        scale = tl.load(scale_ptr + e)
+        coef_e = tl.sum(tl.where(sel, coef, 0.0), axis=1) * scale
+        offs = rows[:, None] * NR + e * R + q[None, :]
+        if tl.sum(tl.where(sel & chosen, 1, 0)) > 0:
+            u = tl.load(u_ptr + offs, mask=qmask, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + offs, mask=qmask, other=0.0).to(tl.float32)
+            dw = tl.where(sel, scale * tl.sum(u * h, axis=1)[:, None], dw)
+            tl.store(coef_u_ptr + offs, (coef_e[:, None] * u).to(DTYPE), mask=qmask)
+            if WRITE_COEF_H:
+                tl.store(coef_h_ptr + offs, (coef_e[:, None] * h).to(DTYPE), mask=qmask)
+        else:
+            tl.store(coef_u_ptr + offs, tl.zeros((BM, RP), dtype=DTYPE), mask=qmask)
+            if WRITE_COEF_H:
+                tl.store(coef_h_ptr + offs, tl.zeros((BM, RP), dtype=DTYPE), mask=qmask)
+    if HAS_GRAD_W:
+        dw += tl.load(grad_w_ptr + rows[:, None] * N + gcols[None, :], mask=gmask, other=0.0)
+    dw = tl.where(chosen, dw, 0.0)
+    weighted = tl.sum(coef * dw, axis=1)
+    if MODE == 2:
+        dlogits = probs * (dw - weighted[:, None]) * inv_temp
+    else:
+        dlogits = coef * (dw - weighted[:, None]) * inv_temp
+    if HAS_GRAD_LOGITS:
+        dlogits += tl.load(grad_logits_ptr + rows[:, None] * N + gcols[None, :], mask=gmask, other=0.0)
+    tl.store(dlogits_ptr + rows[:, None] * N + gcols[None, :], dlogits.to(DTYPE), mask=gmask)
+
+
+def _routing_constexprs(num_adapters: int, top_k: int, mode: str) -> dict:
+    k = 1 if mode == "soft" else top_k
+    return {"MODE": MODES[mode], "K": k, "KP": pow2(k), "NP": pow2(num_adapters)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _expand_plan(num_tokens: int, num_adapters: int, rank: int, d_out: int, dtype: torch.dtype, top_k: int,
+                 mode: str, accumulate: bool) -> tuple[dict, tuple, Callable, int]:
+    """Everything about a few-token launch that depends only on shapes and settings, computed once."""
+    bucket = token_bucket(num_tokens)
+    constexprs = {**_routing_constexprs(num_adapters, top_k, mode), "ACCUMULATE": accumulate,
+                  "DTYPE": tl_dtype(dtype), "IEEE": use_ieee_dot(dtype)}
+    key = ("expand", dtype, bucket, d_out, num_adapters * rank, *constexprs.values())
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]), triton.cdiv(d_out, meta["BN"]))  # noqa: E731
+    return constexprs, key, grid, bucket
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_plan(kind: str, num_tokens: int, num_adapters: int, rank: int, dtype: torch.dtype, top_k: int, mode: str,
+              **extra) -> tuple[dict, tuple, Callable]:
+    """The same for the one-dimensional (row block) kernels: mix and backward."""
+    constexprs = {**_routing_constexprs(num_adapters, top_k, mode), **extra, "DTYPE": tl_dtype(dtype), "BM": 32}
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]),)  # noqa: E731
+    return constexprs, (kind, dtype, *constexprs.values()), grid
+
+
+def _forward(x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, out):
+    """Returns (out, logits (T, N) float32, indices, weights, h (T, N r) in x's dtype)."""
+    num_tokens, d_in = x.shape
+    num_adapters, rank, _ = lora_a.shape
+    d_out = lora_b.shape[1]
+    nr = num_adapters * rank
+    gate_logits = F.linear(x, gate_weight.to(x.dtype))
+    hidden = F.linear(x, lora_a.reshape(nr, d_in).to(x.dtype))
+    soft = mode == "soft"
+    k = num_adapters if soft else top_k
+    logits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=torch.float32)
+    weights = torch.empty(num_tokens, k, device=x.device, dtype=torch.float32)
+    indices = (torch.arange(num_adapters, device=x.device).expand(num_tokens, num_adapters) if soft
+               else torch.empty(num_tokens, k, device=x.device, dtype=torch.int64))
+    lora_b = lora_b.to(x.dtype)
+    if num_tokens < LARGE_TOKENS:
+        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, x.dtype, top_k, mode, out is not None)
+        if out is None:
+            out = torch.empty(num_tokens, d_out, device=x.device, dtype=x.dtype)
+        _launch(
+            _route_expand_kernel, grid, key,
+            (gate_logits, hidden, lora_b, scaling, out, logits, indices, weights,
+             num_tokens, num_adapters, rank, nr, d_out, bucket, out.stride(0), 1.0 / temperature),
+            constexprs,
+        )
+        return out, logits, indices, weights, hidden
+    mix = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
+    constexprs, key, grid = _row_plan("mix", num_tokens, num_adapters, rank, x.dtype, top_k, mode, BK=64)
+    _launch(
+        _route_mix_kernel, grid, key,
+        (gate_logits, hidden, scaling, mix, logits, indices, weights, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
+        constexprs,
+    )
+    b_flat = lora_b.permute(0, 2, 1).reshape(nr, d_out)  # row e r + q = B_e[:, q]
+    out = mix @ b_flat if out is None else out.addmm_(mix, b_flat)
+    return out, logits, indices, weights, hidden
+
+
+class _FusedMoELoRA(torch.autograd.Function):
+    """Differentiable in x, gate_weight, lora_a and lora_b; the returned logits and weights take
+    gradients too (the gate loss reads the logits)."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode):
+        delta, logits, indices, weights, hidden = _forward(x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, None)
+        ctx.save_for_backward(x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices)
+        ctx.routing = (top_k, temperature, mode)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(indices)
+        return delta, logits, indices, weights
+
+    @staticmethod
+    def backward(ctx, grad_delta, grad_logits, _grad_indices, grad_weights):
+        x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices = ctx.saved_tensors
+        top_k, temperature, mode = ctx.routing
+        num_tokens, d_in = x.shape
+        num_adapters, rank, _ = lora_a.shape
+        d_out = lora_b.shape[1]
+        nr = num_adapters * rank
+        if grad_delta is None:
+            grad_delta = torch.zeros(num_tokens, d_out, device=x.device, dtype=x.dtype)
+        u = grad_delta @ lora_b.to(x.dtype).permute(1, 0, 2).reshape(d_out, nr)  # u[t, e r + q] = <g_t, B_e[:, q]>
+        if grad_weights is not None and mode != "soft":
+            grad_weights = torch.zeros_like(logits).scatter_add_(1, indices, grad_weights.float())
+        want_b = ctx.needs_input_grad[3]
+        dlogits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=x.dtype)
+        coef_u = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
+        coef_h = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype) if want_b else coef_u
+        constexprs, key, grid = _row_plan(
+            "backward", num_tokens, num_adapters, rank, x.dtype, top_k, mode, RP=pow2(rank),
+            HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_W=grad_weights is not None, WRITE_COEF_H=want_b,
+        )
+        _launch(
+            _route_backward_kernel, grid, key,
+            (logits, hidden, u, scaling,
+             grad_logits.contiguous() if grad_logits is not None else logits,
+             grad_weights.contiguous() if grad_weights is not None else logits,
+             dlogits, coef_u, coef_h, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
+            constexprs,
+        )
+        grad_x = grad_gate = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(coef_u @ lora_a.reshape(nr, d_in).to(x.dtype), dlogits, gate_weight.to(x.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_gate = (dlogits.T @ x).to(gate_weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in).to(lora_a.dtype)
+        if want_b:
+            grad_b = (grad_delta.T @ coef_h).view(d_out, num_adapters, rank).permute(1, 0, 2).to(lora_b.dtype)
+        return grad_x, grad_gate, grad_a, grad_b, None, None, None, None
+
+
+def fused_moe_lora(
+    x2d: torch.Tensor,
+    gate_weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    top_k: int,
+    temperature: float = 1.0,
+    mode: str = "topk",
+    *,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, routing and mixture of LoRA adapters in two kernels.
+
+    x2d (T, d_in); gate_weight (N, d_in); lora_a (N, r, d_in); lora_b (N, d_out, r); scaling (N,) float32.
+    Returns (delta (T, d_out) in x's dtype, logits (T, N) float32, indices (T, k) int64, weights (T, k)
+    float32); for mode "soft" indices = arange(N) and weights (T, N). With ``out`` (T, d_out), e.g. the
+    base layer's output, delta is added into it in place and ``out`` is returned first (one read-modify-
+    write instead of a separate add). Differentiable in x2d, gate_weight, lora_a and lora_b (and through
+    the returned logits and weights); scaling is a constant.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown routing mode {mode!r}; expected one of {tuple(MODES)}")
+    if x2d.dim() != 2 or lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError(f"fused_moe_lora expects x2d (T, d_in), lora_a (N, r, d_in), lora_b (N, d_out, r); got "
+                         f"{tuple(x2d.shape)}, {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    num_adapters = lora_a.shape[0]
+    if mode != "soft" and not 1 <= top_k <= num_adapters:
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({num_adapters})")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    tl_dtype(x2d.dtype)
+    if out is not None and (out.shape != (x2d.shape[0], lora_b.shape[1]) or out.dtype != x2d.dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be a ({x2d.shape[0]}, {lora_b.shape[1]}) {x2d.dtype} tensor with unit last stride")
+    x2d, gate_weight = x2d.contiguous(), gate_weight.contiguous()
+    lora_a, lora_b, scaling = lora_a.contiguous(), lora_b.contiguous(), scaling.float().contiguous()
+    if x2d.shape[0] == 0:
+        k = num_adapters if mode == "soft" else top_k
+        empty = x2d.new_zeros(0, lora_b.shape[1])
+        return (out if out is not None else empty, x2d.new_zeros(0, num_adapters, dtype=torch.float32),
+                torch.zeros(0, k, dtype=torch.int64, device=x2d.device), x2d.new_zeros(0, k, dtype=torch.float32))
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, gate_weight, lora_a, lora_b))
+    if not differentiable:
+        result, logits, indices, weights, _ = _forward(x2d, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, out)
+        return result, logits, indices, weights
+    delta, logits, indices, weights = _FusedMoELoRA.apply(x2d, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode)
+    if out is not None:
+        delta = out.add_(delta)
+    return delta, logits, indices, weights

@@ -1,0 +1,237 @@
+"""The Triton kernels (run on CPU by Triton's interpreter) against an independent float64 reference.
+
+METEORA_KERNEL_TEST_DEVICE=cuda runs the same tests compiled on a GPU (scripts/gpu_benchmark.sh does).
+"""
+import os
+
+DEVICE = os.environ.get("METEORA_KERNEL_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+from meteora.kernels import fused, fused_moe_lora, kernels_available, triton_mixture
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+if DEVICE == "cuda":  # compile two configurations (few / many tokens) instead of autotuning every shape
+    _configs = fused._route_expand_kernel.configs
+    fused._route_expand_kernel.configs = [next(c for c in _configs if c.kwargs["BM"] == 16),
+                                          next(c for c in _configs if c.kwargs["BM"] != 16)]
+
+
+# ----------------------------------------------------------------------------- float64 oracle
+
+def ref_route(logits: torch.Tensor, top_k: int, temperature: float, mode: str):
+    """(T, N) float64 logits -> indices (T, k), weights (T, k); lower index wins ties."""
+    if mode == "soft":
+        num_tokens, num_adapters = logits.shape
+        return torch.arange(num_adapters, device=logits.device).expand(num_tokens, num_adapters), torch.softmax(logits / temperature, -1)
+    indices = torch.sort(logits, dim=-1, descending=True, stable=True)[1][:, :top_k]
+    return indices, ref_weights(logits, indices, temperature, mode)
+
+
+def ref_weights(logits, indices, temperature, mode):
+    """Mixing weights of given chosen adapters, differentiable in logits."""
+    if mode == "soft":
+        return torch.softmax(logits / temperature, -1)
+    if mode == "topk":
+        return torch.softmax(logits.gather(1, indices) / temperature, -1)
+    return torch.softmax(logits / temperature, -1).gather(1, indices)
+
+
+def ref_mixture(x, indices, weights, lora_a, lora_b, scaling):
+    """sum_j w_j s_j B_j (A_j x) per token, everything in float64."""
+    x, lora_a, lora_b, scaling, weights = (t.double() for t in (x, lora_a, lora_b, scaling, weights))
+    hidden = torch.einsum("td,tkrd->tkr", x, lora_a[indices])
+    out = torch.einsum("tkor,tkr->tko", lora_b[indices], hidden)
+    return (out * (weights * scaling[indices])[..., None]).sum(1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(num_tokens, d_in, d_out, num_adapters, rank, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    gate = torch.randn(num_adapters, d_in, generator=gen) / d_in**0.5
+    lora_a = torch.randn(num_adapters, rank, d_in, generator=gen) / d_in**0.5
+    lora_b = torch.randn(num_adapters, d_out, rank, generator=gen) / rank**0.5
+    scaling = torch.rand(num_adapters, generator=gen) + 0.5
+    return tuple(t.to(DEVICE, dtype) for t in (x, gate, lora_a, lora_b)) + (scaling.to(DEVICE),)
+
+
+def dev(*tensors):
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- triton_mixture
+
+@pytest.mark.parametrize(
+    "num_tokens,d_in,d_out,num_adapters,rank,top_k,dtype",
+    [
+        (1, 64, 48, 3, 8, 1, torch.float32),
+        (9, 100, 72, 7, 5, 2, torch.float32),
+        (6, 96, 40, 5, 12, 3, torch.bfloat16),
+        (17, 130, 66, 28, 8, 2, torch.bfloat16),
+        (2, 64, 20, 3, 64, 2, torch.float32),
+    ],
+)
+def test_triton_mixture_matches_float64(num_tokens, d_in, d_out, num_adapters, rank, top_k, dtype):
+    x, _, lora_a, lora_b, scaling = make_inputs(num_tokens, d_in, d_out, num_adapters, rank, dtype)
+    indices, weights = dev(torch.stack([torch.randperm(num_adapters)[:top_k] for _ in range(num_tokens)]),
+                           torch.softmax(torch.randn(num_tokens, top_k), -1))
+    delta = triton_mixture(x, indices, weights, lora_a, lora_b, scaling)
+    assert delta.dtype == dtype and delta.shape == (num_tokens, d_out)
+    assert rel_err(delta, ref_mixture(x, indices, weights, lora_a, lora_b, scaling)) < TOL[dtype]
+
+
+def test_triton_mixture_all_tokens_one_adapter():
+    x, _, lora_a, lora_b, scaling = make_inputs(11, 80, 56, 6, 7, torch.float32, seed=1)
+    indices, weights = dev(torch.full((11, 1), 4), torch.ones(11, 1))
+    delta = triton_mixture(x, indices, weights, lora_a, lora_b, scaling)
+    expected = scaling[4].double() * (x.double() @ lora_a[4].double().T) @ lora_b[4].double().T
+    assert rel_err(delta, expected) < 1e-5
+
+
+def test_triton_mixture_gradients_match_float64():
+    x, _, lora_a, lora_b, scaling = make_inputs(7, 72, 40, 5, 6, torch.float32, seed=2)
+    indices, weights, upstream = dev(torch.stack([torch.randperm(5)[:2] for _ in range(7)]),
+                                     torch.softmax(torch.randn(7, 2), -1), torch.randn(7, 40))
+    x1, w1 = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    (triton_mixture(x1, indices, w1, lora_a, lora_b, scaling) * upstream).sum().backward()
+    x2, w2 = x.double().requires_grad_(), weights.double().requires_grad_()
+    (ref_mixture(x2, indices, w2, lora_a, lora_b, scaling) * upstream.double()).sum().backward()
+    assert rel_err(x1.grad, x2.grad) < 1e-5
+    assert rel_err(w1.grad, w2.grad) < 1e-5
+
+
+def test_triton_mixture_refuses_trainable_adapters():
+    x, _, lora_a, lora_b, scaling = make_inputs(2, 32, 16, 2, 4, torch.float32)
+    with pytest.raises(NotImplementedError, match="lora_a / lora_b"):
+        triton_mixture(x, *dev(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)), lora_a.requires_grad_(), lora_b, scaling)
+
+
+# ----------------------------------------------------------------------------- fused_moe_lora
+
+@pytest.fixture(params=["few", "many"])
+def regime(request, monkeypatch):
+    """Run a test through the few-token Triton kernels and through the many-token cuBLAS regime."""
+    monkeypatch.setattr(fused, "LARGE_TOKENS", 10**9 if request.param == "few" else 0)
+    return request.param
+
+
+def check_fused_forward(x, gate, lora_a, lora_b, scaling, top_k, temperature, mode, outputs):
+    """The routing must be the reference's on the kernel's own logits (exactly), and everything else
+    must match float64 to the dtype's tolerance."""
+    delta, logits, indices, weights = outputs
+    tol = TOL[x.dtype]
+    logits64 = x.double() @ gate.double().T
+    assert logits.dtype == torch.float32 and rel_err(logits, logits64) < tol
+    ref_indices, ref_w = ref_route(logits.double(), top_k, temperature, mode)
+    assert torch.equal(indices, ref_indices)
+    assert (weights.double() - ref_w).abs().max().item() < 1e-5
+    expected = ref_mixture(x, indices, ref_w, lora_a, lora_b, scaling)
+    assert delta.dtype == x.dtype and rel_err(delta, expected) < tol
+
+
+@pytest.mark.parametrize(
+    "num_tokens,d_in,d_out,num_adapters,rank,top_k,dtype",
+    [
+        (1, 520, 72, 7, 5, 2, torch.float32),  # T = 1; d_in split over several programs
+        (5, 300, 40, 3, 8, 1, torch.bfloat16),
+        (16, 96, 130, 28, 8, 2, torch.float32),
+        (40, 130, 66, 6, 12, 3, torch.bfloat16),  # many-token configuration
+        (33, 64, 24, 64, 4, 2, torch.float32),  # N = 64
+        (3, 64, 32, 3, 64, 2, torch.bfloat16),  # rank 64
+    ],
+)
+def test_fused_topk_matches_float64(num_tokens, d_in, d_out, num_adapters, rank, top_k, dtype, regime):
+    args = make_inputs(num_tokens, d_in, d_out, num_adapters, rank, dtype, seed=num_tokens)
+    outputs = fused_moe_lora(*args, top_k, 1.0, "topk")
+    check_fused_forward(*args, top_k, 1.0, "topk", outputs)
+
+
+@pytest.mark.parametrize("mode,num_tokens,top_k,temperature", [("soft", 3, 1, 1.0), ("soft", 37, 1, 5.0), ("topk_unnormalized", 6, 2, 1.0), ("topk_unnormalized", 35, 3, 2.0), ("topk", 4, 2, 15.0)])
+def test_fused_other_modes_match_float64(mode, num_tokens, top_k, temperature, regime):
+    args = make_inputs(num_tokens, 90, 50, 5, 6, torch.float32, seed=3)
+    outputs = fused_moe_lora(*args, top_k, temperature, mode)
+    check_fused_forward(*args, top_k, temperature, mode, outputs)
+
+
+def test_fused_ties_go_to_the_lower_index(regime):
+    x, gate, lora_a, lora_b, scaling = make_inputs(8, 64, 32, 6, 4, torch.bfloat16, seed=4)
+    gate[2] *= 4
+    gate[5] = gate[2]  # adapters 2 and 5 tie on every token
+    outputs = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk")
+    logits, indices = outputs[1], outputs[2]
+    assert torch.equal(logits[:, 2], logits[:, 5])
+    check_fused_forward(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk", outputs)
+    both = (indices == 2).any(1) & (indices == 5).any(1)
+    assert both.any() and torch.all(indices[both, 0] == 2) and torch.all(indices[both, 1] == 5)
+
+
+def test_fused_all_tokens_one_adapter():
+    x, gate, lora_a, lora_b, scaling = make_inputs(20, 80, 48, 5, 8, torch.float32, seed=5)
+    gate[3] = x.mean(0) * 50  # every token's top-1 is adapter 3
+    outputs = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 1, 1.0, "topk")
+    assert torch.all(outputs[2] == 3)
+    check_fused_forward(x, gate, lora_a, lora_b, scaling, 1, 1.0, "topk", outputs)
+
+
+def test_fused_accumulates_into_out(regime):
+    x, gate, lora_a, lora_b, scaling = make_inputs(6, 64, 40, 4, 4, torch.float32, seed=6)
+    (base,) = dev(torch.randn(6, 40))
+    out = base.clone()
+    result, *_ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk", out=out)
+    delta, *_ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk")
+    assert result.data_ptr() == out.data_ptr()
+    assert rel_err(out, base + delta) < 1e-6
+
+
+@pytest.mark.parametrize("mode,top_k", [("topk", 2), ("soft", 1), ("topk_unnormalized", 2)])
+def test_fused_gradients_match_float64(mode, top_k, regime):
+    """Gradients of x, the gate and both adapters through delta, the logits and the weights."""
+    num_tokens, d_in, d_out, num_adapters, rank, temperature = 9, 530, 36, 5, 6, 2.0  # d_in split in two
+    x, gate, lora_a, lora_b, scaling = make_inputs(num_tokens, d_in, d_out, num_adapters, rank, torch.float32, seed=7)
+    ins = [t.clone().requires_grad_() for t in (x, gate, lora_a, lora_b)]
+    delta, logits, indices, weights = fused_moe_lora(*ins, scaling, top_k, temperature, mode)
+    gen = torch.Generator().manual_seed(8)
+    g_delta, g_logits, g_weights = dev(*(torch.randn(t.shape, generator=gen) for t in (delta, logits, weights)))
+    ((delta * g_delta).sum() + (logits * g_logits).sum() + (weights * g_weights).sum()).backward()
+
+    ref = [t.double().requires_grad_() for t in (x, gate, lora_a, lora_b)]
+    ref_logits = ref[0] @ ref[1].T
+    ref_w = ref_weights(ref_logits, indices, temperature, mode)
+    ref_delta = ref_mixture(ref[0], indices, ref_w, ref[2], ref[3], scaling)
+    ((ref_delta * g_delta.double()).sum() + (ref_logits * g_logits.double()).sum() + (ref_w * g_weights.double()).sum()).backward()
+    for name, got, want in zip(("x", "gate", "lora_a", "lora_b"), ins, ref):
+        assert rel_err(got.grad, want.grad) < 1e-5, name
+
+
+def test_fused_gradients_bf16_gate_only(regime):
+    """Gate training in bf16: x and gate gradients within bf16 tolerance; adapters frozen."""
+    x, gate, lora_a, lora_b, scaling = make_inputs(24, 96, 64, 7, 8, torch.bfloat16, seed=9)
+    x1, g1 = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    delta, logits, indices, _ = fused_moe_lora(x1, g1, lora_a, lora_b, scaling, 2, 1.0, "topk")
+    upstream, targets = dev(torch.randn(delta.shape).bfloat16(), torch.randint(0, 7, (24,)))
+    ((delta.float() * upstream.float()).sum() + 10 * torch.nn.functional.cross_entropy(logits, targets)).backward()
+    x2, g2 = x.double().requires_grad_(), gate.double().requires_grad_()
+    ref_logits = x2 @ g2.T
+    ref_delta = ref_mixture(x2, indices, ref_weights(ref_logits, indices, 1.0, "topk"), lora_a, lora_b, scaling)
+    ((ref_delta * upstream.double()).sum() + 10 * torch.nn.functional.cross_entropy(ref_logits, targets)).backward()
+    assert rel_err(x1.grad, x2.grad) < 2e-2
+    assert rel_err(g1.grad, g2.grad) < 2e-2
+
+
+def test_kernels_available_and_argument_errors():
+    x, gate, lora_a, lora_b, scaling = make_inputs(2, 32, 16, 3, 4, torch.float32)
+    assert kernels_available(x) and not kernels_available(x.double())
+    with pytest.raises(ValueError, match="top_k=4"):
+        fused_moe_lora(x, gate, lora_a, lora_b, scaling, 4)
+    with pytest.raises(ValueError, match="routing mode"):
+        fused_moe_lora(x, gate, lora_a, lora_b, scaling, 1, mode="dense")
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        fused_moe_lora(x.double(), gate.double(), lora_a.double(), lora_b.double(), scaling, 1)
