@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	PYTHONHASHSEED=0 $(PY) -m pytest -n 2 -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHONHASHSEED=0 $(PY) -m pytest -n 2 -q tests
 
 # Regenerate params.yaml from conf/ (the default profile); DVC's Hydra integration does this for `dvc exp run -S`.
 params: setup
 	$(PY) -m stages.common compose > params.yaml
 
+# The stage commands call `python` and `dvc`: the virtualenv's come first on PATH.
 reproduce: setup
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db

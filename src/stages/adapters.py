@@ -1,0 +1,179 @@
+"""Stage adapters (one DVC stage per task: `python -m stages.adapters --task <task>`): the task's LoRA
+adapter as a standard PEFT folder in `artifacts/adapters/<task>/`.
+
+adapter.source: train (PEFT LoRA on the task's train split, answer tokens only, resumable from
+`artifacts/checkpoints/adapters/<task>/`), hub (the paper's published adapter,
+`model.paper_adapters`), auto (hub when the model profile names paper adapters, else train).
+Every adapter is validated with the core's loader against the base model. When
+`adapter.eval.n_examples` > 0, base model and adapter are scored (greedy decoding) on the start of
+the task's test split; `reports/adapters/<task>.json` holds both scores and the training curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlflow
+import torch
+from omegaconf import DictConfig
+
+from meteora.adapters import validate_adapter
+from stages.common import (
+    ConfigError,
+    device,
+    load_config,
+    read_jsonl,
+    seed_everything,
+    set_threads,
+    start_run,
+    write_json,
+)
+from stages.hub import download
+from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_source(cfg: DictConfig) -> str:
+    """train or hub (resolving auto from the model profile)."""
+    source = str(cfg.adapter.source)
+    if source == "auto":
+        return "hub" if cfg.model.get("paper_adapters") else "train"
+    if source not in ("train", "hub"):
+        raise ConfigError(f"adapter.source {source!r} is not one of auto, train, hub")
+    if source == "hub" and not cfg.model.get("paper_adapters"):
+        raise ConfigError(f"adapter.source=hub but model {cfg.model.name!r} names no paper_adapters")
+    return source
+
+
+def task_records(cfg: DictConfig, task: str, split: str) -> list[dict]:
+    path = Path(cfg.paths.data) / "tasks" / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"task {task!r}: {path} does not exist (run the build_datasets stage)")
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"task {task!r}: {path} is empty")
+    return records
+
+
+def check_task(cfg: DictConfig, task: str) -> None:
+    names = [str(t) for t in cfg.tasks.names]
+    if task not in names:
+        raise ConfigError(f"unknown task {task!r}: not in tasks.names of profile {cfg.tasks.profile!r} ({names})")
+
+
+def meta_base(cfg: DictConfig):
+    """The base model's architecture on the meta device (shapes only, no memory) for validation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(Path(cfg.paths.artifacts) / "model")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def save_peft(model, out: Path) -> None:
+    """Save the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) only."""
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+
+
+def fetch_paper_folder(cfg: DictConfig, folder: str, out: Path) -> None:
+    """Download `<folder>/` of the model profile's paper adapter repository into `out`."""
+    spec = cfg.model.paper_adapters
+    with tempfile.TemporaryDirectory(dir=Path(cfg.paths.artifacts)) as tmp:
+        download(spec.repo_id, tmp, revision=spec.revision, allow_patterns=[f"{folder}/*"],
+                 what=f"adapter folder {folder}")
+        if not (Path(tmp) / folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{spec.repo_id} has no PEFT adapter in {folder}/")
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(Path(tmp) / folder), out)
+
+
+def score(model, tokenizer, records: Sequence[dict], cfg_eval: DictConfig, max_prompt_tokens: int) -> dict:
+    """Greedy outputs of `model` on `records`, scored with the task's metric."""
+    from stages.generation import greedy_generate
+    from stages.metrics import score_task
+
+    outputs = greedy_generate(model, tokenizer, [r["input"] for r in records], int(cfg_eval.max_new_tokens),
+                              batch_size=int(cfg_eval.batch_size), max_prompt_tokens=max_prompt_tokens)
+    result = score_task(records[0]["metric"], outputs, [r["targets"] for r in records])
+    result["examples"] = [{"target": r["target"], "output": o} for r, o in list(zip(records, outputs))[:3]]
+    return result
+
+
+def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
+    """Train, save, validate and (optionally) score the task's LoRA; returns the report."""
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", DTYPES[str(cfg.model.dtype)], device())
+    max_length = int(cfg.model.max_length)
+    train = task_records(cfg, task, "train")[: int(cfg.adapter.train.n_examples)]
+    data = encode_records(tokenizer, train, max_length)
+    settings = TrainSettings.from_config(cfg.adapter.train, max_length=max_length, seed=seed)
+    model = with_lora(base, cfg.adapter.lora, seed)
+    stats = train_lora(model, data, settings, pad_id=tokenizer.pad_token_id,
+                       checkpoint_dir=Path(cfg.paths.artifacts) / "checkpoints" / "adapters" / task,
+                       fingerprint_extra={"task": task, "lora": dict(cfg.adapter.lora), "model": cfg.model.name},
+                       desc=f"adapter {task}")
+    save_peft(model, out)
+    report = {"task": task, "source": "train", "train_examples": len(train), "train": stats}
+    n_eval = int(cfg.adapter.eval.n_examples)
+    if n_eval > 0:
+        test = task_records(cfg, task, "test")[:n_eval]
+        report["metric"] = test[0]["metric"]
+        report["eval_examples"] = len(test)
+        report["adapter"] = score(model, tokenizer, test, cfg.adapter.eval, max_length)
+        with model.disable_adapter():
+            report["base"] = score(model, tokenizer, test, cfg.adapter.eval, max_length)
+        report["beats_base"] = report["adapter"]["score"] > report["base"]["score"]
+    validate_adapter(out, model.unload())
+    shutil.rmtree(Path(cfg.paths.artifacts) / "checkpoints" / "adapters" / task, ignore_errors=True)
+    return report
+
+
+def hub_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
+    """Download and validate the paper's adapter for the task."""
+    folder = f"{cfg.model.paper_adapters.peft_folder}/{task}"
+    fetch_paper_folder(cfg, folder, out)
+    validate_adapter(out, meta_base(cfg))
+    return {"task": task, "source": "hub", "repo_id": str(cfg.model.paper_adapters.repo_id), "folder": folder}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.adapters", add_help=False)
+    parser.add_argument("--task", required=True, help="the task whose adapter to build")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(rest)
+    set_threads(cfg)
+    check_task(cfg, args.task)
+    source = adapter_source(cfg)
+    out = Path(cfg.paths.artifacts) / "adapters" / args.task
+    params = {"task": args.task, "seed": cfg.seed, "model": cfg.model.name, "source": source,
+              "lora": cfg.adapter.lora, "train": cfg.adapter.train, "eval": cfg.adapter.eval}
+    with start_run(cfg, f"adapters@{args.task}", params):
+        mlflow.set_tag("task", args.task)
+        start = time.perf_counter()
+        report = train_adapter(cfg, args.task, out) if source == "train" else hub_adapter(cfg, args.task, out)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        path = write_json(Path(cfg.paths.reports) / "adapters" / f"{args.task}.json", report)
+        mlflow.log_metric("seconds", report["seconds"])
+        for side in ("base", "adapter"):
+            if side in report:
+                mlflow.log_metric(f"{side}_score", report[side]["score"])
+        mlflow.log_artifact(str(path))
+        mlflow.set_tag("outputs", str(out))
+    scores = (f"; score base {report['base']['score']:.1f} -> adapter {report['adapter']['score']:.1f}"
+              if "adapter" in report else "")
+    print(f"adapter {args.task} ({source}) in {report['seconds']} s -> {out}{scores}")
+
+
+if __name__ == "__main__":
+    main()

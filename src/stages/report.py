@@ -1,0 +1,154 @@
+"""Stage report: the paper's tables (Markdown) and figures (PNG) from the JSON of the earlier stages.
+
+Reads reports/eval/{results,traces}.json, reports/train_gates.json and every reports/benchmark/*.json;
+writes reports/tables/{table1,per_task,table2,routing}.md, reports/figures/{fig3_radar,
+fig4_routing_trace,fig5_strategies}.png, reports/plots/table1.json (for `dvc plots`) and
+reports/results.md (all of it on one page, with date, machine and command).
+Run: `python -m stages.report`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from stages.common import load_config, read_json, write_json
+from stages.figures import markdown_table, radar, routing_trace, strategy_runtime
+
+METHOD_LABELS = {"base": "base model", "oracle": "PEFT oracle (right adapter by hand)", "lora_b": "LoRA-B"}
+
+
+def label(method: str) -> str:
+    if method.startswith("meteora_top"):
+        return f"MeteoRA top-{method.removeprefix('meteora_top')}"
+    return METHOD_LABELS.get(method, method)
+
+
+def table1(results: dict) -> str:
+    rows = [[label(m), r["average"], r["accuracy"], r["bleu"], r["rouge_l"]] for m, r in results["table1"].items()]
+    n = len(results["profile"]["tasks"])
+    return (f"**Table 1.** Average over the {n} tasks (primary score: accuracy, or ROUGE-L F1 for generative "
+            "tasks; accuracy averaged over the classification tasks, BLEU / ROUGE-L over the generative ones).\n\n"
+            + markdown_table(["method", "average", "accuracy", "BLEU", "ROUGE-L"], rows))
+
+
+def per_task_table(results: dict) -> str:
+    methods = results["methods"]
+    routing = (results.get("routing") or {}).get("per_task", {})
+    rows = []
+    for task in results["profile"]["tasks"]:
+        metric = results["metric_per_task"][task]
+        rows.append([task, metric, *[results["per_task"][m][task]["score"] for m in methods],
+                     100 * routing[task] if task in routing else None])
+    return ("**Per task.** Primary score per method; routing = MeteoRA's top-1 routing accuracy (%) on the "
+            "task's test set.\n\n" + markdown_table(["task", "metric", *map(label, methods), "routing"], rows))
+
+
+def table2(results: dict) -> str:
+    rows = []
+    for name, comp in results["composite"].items():
+        methods = [m for m in ("meteora", "lora_b") if m in comp]
+        for task in comp["tasks"]:
+            rows.append([name, task, *[comp[m]["subtasks"][task]["score"] for m in methods]])
+        rows.append([name, "**average**", *[comp[m]["average"] for m in methods]])
+        rows.append([name, "attempted (of %d)" % len(comp["tasks"]), *[comp[m]["attempted"] for m in methods]])
+    return ("**Table 2.** Composite-n: n questions of n tasks in one prompt, answered as a numbered list; "
+            "per sub-task score, average and mean number of sub-questions attempted.\n\n"
+            + markdown_table(["set", "sub-task", "MeteoRA", "LoRA-B"], rows))
+
+
+def routing_table(results: dict, train: dict | None) -> str:
+    routing = results.get("routing")
+    if not routing:
+        return ""
+    text = f"**Routing.** MeteoRA's overall top-1 routing accuracy on the test sets: {100 * routing['overall']:.1f}%.\n\n"
+    layers = routing["per_layer"]
+    text += markdown_table(["decoder layer", *layers], [["test accuracy (%)", *[100 * v for v in layers.values()]]])
+    segments = {n: c["meteora"].get("segment_routing_accuracy") for n, c in results["composite"].items() if "meteora" in c}
+    if any(segments.values()):
+        text += "\nComposite answers: share of each sub-answer's tokens whose majority top-1 adapter is that sub-task's.\n\n"
+        text += markdown_table(["set", "sub-task", "accuracy (%)"],
+                               [[n, t, 100 * v if v is not None else None] for n, s in segments.items() for t, v in s.items()])
+    if train:
+        final = train.get("final", {})
+        text += (f"\nGate training: {train.get('steps_run')} steps in {train.get('time_s')} s "
+                 f"({train.get('tokens_per_s')} tokens/s); final LM loss {final.get('lm_loss', float('nan')):.3f}, "
+                 f"gate CE per gate {final.get('gate_loss_per_gate', float('nan')):.3f}, training routing accuracy "
+                 f"{100 * final.get('routing_accuracy', float('nan')):.1f}%.\n")
+    return text
+
+
+def benchmark_series(name: str, bench: dict, routing: str = "random") -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """(tokens, ms) points per strategy from the `layer` cells of a benchmark JSON (see
+    :mod:`meteora.benchmark`): one panel per (file, model shapes, dtype), cells of the given routing."""
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for cell in bench.get("layer", []):
+        if cell.get("routing") != routing or not isinstance(cell.get("ms"), (int, float)):
+            continue
+        panel = f"{name}: {cell.get('model')} {cell.get('dtype')}, {routing} routing"
+        series.setdefault(panel, {}).setdefault(cell["strategy"], []).append((float(cell["tokens"]), float(cell["ms"])))
+    return series
+
+
+def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
+    """Write every table and figure; returns the files written."""
+    reports = Path(cfg.paths.reports)
+    results = read_json(reports / "eval" / "results.json")
+    traces = read_json(reports / "eval" / "traces.json") if (reports / "eval" / "traces.json").is_file() else {}
+    train = read_json(reports / "train_gates.json") if (reports / "train_gates.json").is_file() else None
+    tables, figures = reports / "tables", reports / "figures"
+    written: list[Path] = []
+
+    def write(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+
+    sections = {"table1": table1(results), "per_task": per_task_table(results), "table2": table2(results),
+                "routing": routing_table(results, train)}
+    for key, text in sections.items():
+        write(tables / f"{key}.md", text)
+
+    tasks = results["profile"]["tasks"]
+    scores = {label(m): {t: results["per_task"][m][t]["score"] for t in tasks} for m in results["methods"]}
+    radar(scores, tasks, figures / "fig3_radar.png", "Figure 3: primary score per task")
+    written.append(figures / "fig3_radar.png")
+    if traces:
+        routing_trace(next(iter(traces.values())), figures / "fig4_routing_trace.png")
+        written.append(figures / "fig4_routing_trace.png")
+    series = {}
+    for path in sorted((reports / "benchmark").glob("*.json")):
+        found = benchmark_series(path.stem, read_json(path))
+        if not found:
+            print(f"report: {path} has no layer timings; left out of Figure 5")
+        series.update(found)
+    strategy_runtime(series, figures / "fig5_strategies.png")
+    written.append(figures / "fig5_strategies.png")
+    write_json(reports / "plots" / "table1.json",
+               [{"method": label(m), "average": r["average"]} for m, r in results["table1"].items()])
+    written.append(reports / "plots" / "table1.json")
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, {platform.platform()}"
+    command = "dvc repro" if "--params" in argv else "python -m stages.report " + " ".join(argv)
+    figs = "".join(f"\n![{p.stem}](figures/{p.name})\n" for p in written if p.suffix == ".png")
+    header = (f"# Results: model {results['profile']['model']}, {len(tasks)} tasks\n\n"
+              f"Made {stamp} on {machine} by `{command}`.\n\n")
+    write(reports / "results.md", header + "\n".join(s for s in sections.values() if s) + figs)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(argv)
+    for path in run(cfg, argv):
+        print(f"report: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

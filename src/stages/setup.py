@@ -1,0 +1,69 @@
+"""What train_gates and evaluate share: the profile's task list, its data, the base model, MeteoRA on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from meteora import MeteoRAModel, attach_meteora
+from stages.common import ConfigError, device, read_jsonl
+from stages.generation import prepare_tokenizer
+
+
+def task_list(cfg: DictConfig) -> list[str]:
+    """All tasks of the profile, in adapter (gate output) order."""
+    return [str(t) for t in cfg.tasks.names]
+
+
+def selected_tasks(cfg: DictConfig) -> list[str]:
+    """The tasks MeteoRA is built from: all of them, or the first `gate.num_adapters` (adapter-count sweep)."""
+    tasks = task_list(cfg)
+    n = cfg.gate.get("num_adapters")
+    if n is None:
+        return tasks
+    if not 1 <= int(n) <= len(tasks):
+        raise ConfigError(f"gate.num_adapters={n} must be between 1 and the {len(tasks)} tasks of the profile")
+    return tasks[: int(n)]
+
+
+def load_task_split(cfg: DictConfig, task: str, split: str, limit: int | None = None) -> list[dict]:
+    """Records of data/tasks/<task>/<split>.jsonl (the first `limit` when given)."""
+    path = Path(cfg.paths.data) / "tasks" / task / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"task {task!r}: {path} does not exist (run the build_datasets stage)")
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(f"task {task!r}: {path} is empty")
+    return records[: int(limit)] if limit else records
+
+
+def model_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.artifacts) / "model"
+
+
+def adapter_dir(cfg: DictConfig, task: str) -> Path:
+    return Path(cfg.paths.artifacts) / "adapters" / task
+
+
+def load_base(cfg: DictConfig):
+    """The base causal LM (in `model.dtype`, eval mode, on this process's device) and its tokenizer
+    (left padding) from artifacts/model."""
+    path = model_dir(cfg)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no base model in {path} (run the prepare_model stage)")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    dtype = getattr(torch, str(cfg.model.get("dtype", "float32")))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device()).eval()
+    return model, tokenizer
+
+
+def build_meteora(cfg: DictConfig, tasks: list[str], top_k: int, temperature: float) -> tuple[MeteoRAModel, object]:
+    """The base model with the tasks' adapters embedded (in `tasks` order) and fresh gates."""
+    model, tokenizer = load_base(cfg)
+    adapters = {task: adapter_dir(cfg, task) for task in tasks}
+    meteora = attach_meteora(model, adapters, top_k=min(top_k, len(tasks)), temperature=temperature,
+                             strategy=str(cfg.gate.get("strategy", "auto")))
+    return meteora, tokenizer

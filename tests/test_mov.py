@@ -1,0 +1,354 @@
+"""MoV / MoLoRA (issue 6): (IA)3, mixtures of (IA)3 vectors and of LoRAs, routing inputs, training.
+
+Oracles: the frozen base model, PEFT's own (IA)3 and LoRA, materialised float64 mixtures, torch's
+gradcheck, and an explicit loop for the sentence mean.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meteora.ia3 import IA3Linear, MoVLinear
+from meteora.methods import LORA_TARGETS, MixtureConfig, apply_method, count_trainable, expert_layers
+from meteora.molora import MoLoRALinear
+from meteora.ops import lora_delta, moe_lora
+from meteora.router_input import CausalMean, SequenceContext
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, init: float = 0.02) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=init,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tokens(batch: int = 3, steps: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def randomize(params, seed: int = 2, scale: float = 0.5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(1 + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+# ---------------------------------------------------------------- (IA)3 and MoV
+
+
+def test_ia3_all_ones_is_the_base_model_exactly():
+    base = tiny_llama()
+    ids = tokens()
+    model = apply_method(copy.deepcopy(base), MixtureConfig(kind="ia3"))
+    assert len([m for m in model.modules() if isinstance(m, IA3Linear)]) == 6
+    assert torch.equal(logits(model, ids), logits(base, ids))
+
+
+def test_ia3_matches_peft_ia3():
+    base = tiny_llama()
+    ids = tokens()
+    ours = apply_method(copy.deepcopy(base), MixtureConfig(kind="ia3"))
+    peft = get_peft_model(
+        copy.deepcopy(base), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
+    randomize(m.ia3_l for m in ours.modules() if isinstance(m, IA3Linear))
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "ia3_l")}
+    for name, layer in ours.named_modules():
+        if isinstance(layer, IA3Linear):
+            with torch.no_grad():
+                peft_layers[name].ia3_l["default"].copy_(layer.ia3_l.view_as(peft_layers[name].ia3_l["default"]))
+    torch.testing.assert_close(logits(ours, ids), logits(peft, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_mov_with_one_expert_is_ia3():
+    base = tiny_llama()
+    ids = tokens()
+    ia3 = apply_method(copy.deepcopy(base), MixtureConfig(kind="ia3"))
+    randomize(m.ia3_l for m in ia3.modules() if isinstance(m, IA3Linear))
+    mov = copy.deepcopy(base)
+    for name, module in list(mov.named_modules()):
+        if name in dict(ia3.named_modules()) and isinstance(ia3.get_submodule(name), IA3Linear):
+            ref = ia3.get_submodule(name)
+            layer = MoVLinear(module, ref.site, num_experts=1)
+            with torch.no_grad():
+                layer.vectors.copy_(ref.ia3_l[None])
+            parent, _, child = name.rpartition(".")
+            setattr(mov.get_submodule(parent), child, layer)
+    torch.testing.assert_close(logits(mov, ids), logits(ia3, ids), rtol=0, atol=0)
+
+
+class OneHot(nn.Module):
+    """A router whose softmax is exactly one-hot on `expert` (the other logits underflow)."""
+
+    def __init__(self, num_experts: int, expert: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.zeros(num_experts).index_fill(0, torch.tensor(expert), 1e4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(*h.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("site", ["input", "output"])
+def test_mov_one_hot_router_is_that_expert_alone(site):
+    torch.manual_seed(3)
+    base = nn.Linear(12, 10)
+    mov = MoVLinear(base, site, num_experts=4)
+    randomize([mov.vectors])
+    mov.router = OneHot(4, expert=2)
+    ia3 = IA3Linear(base, site)
+    with torch.no_grad():
+        ia3.ia3_l.copy_(mov.vectors[2])
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(mov(x), ia3(x), rtol=0, atol=0)
+
+
+def test_mov_matches_a_materialised_float64_mixture():
+    torch.manual_seed(4)
+    base = nn.Linear(12, 10).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    for mode, top_k in [("soft", 4), ("topk_unnormalized", 2)]:
+        mov = MoVLinear(base, "output", num_experts=4, mode=mode, top_k=top_k)
+        randomize([mov.vectors])
+        h = base(x)
+        probs = torch.softmax(h @ mov.router.weight.T, dim=-1)
+        if mode != "soft":
+            kth = probs.topk(top_k, dim=-1).values[..., -1:]
+            probs = probs * (probs >= kth)
+        expected = h * torch.einsum("bte,ed->btd", probs, mov.vectors)
+        torch.testing.assert_close(mov(x), expected)
+
+
+# ---------------------------------------------------------------- MoLoRA
+
+
+def test_molora_with_one_expert_matches_peft_lora():
+    base = tiny_llama(dtype=torch.float64)
+    ids = tokens()
+    ours = apply_method(copy.deepcopy(base), MixtureConfig(kind="lora", num_experts=1, rank=4, alpha=16))
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    )
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    gen = torch.Generator().manual_seed(5)
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, MoLoRALinear)]
+    assert len(layers) == 14
+    for name, layer in layers:
+        with torch.no_grad():
+            layer.lora_b.copy_(0.3 * torch.randn(layer.lora_b.shape, generator=gen, dtype=torch.float64))
+            peft_layers[name].lora_A["default"].weight.copy_(layer.lora_a[0])
+            peft_layers[name].lora_B["default"].weight.copy_(layer.lora_b[0])
+    assert not torch.allclose(logits(ours, ids), logits(base, ids))
+    torch.testing.assert_close(logits(ours, ids), logits(peft, ids))
+
+
+def test_molora_starts_as_the_base_model_and_counts_its_parameters():
+    base = tiny_llama()
+    ids = tokens()
+    model = apply_method(copy.deepcopy(base), MixtureConfig(kind="lora", num_experts=3, rank=4))
+    torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=0, atol=0)
+    d = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+         "gate_proj": (32, 48), "up_proj": (32, 48), "down_proj": (48, 32)}
+    per_layer = sum(3 * 4 * (i + o) + 3 * i for i, o in d.values())
+    counts = count_trainable(model)
+    assert counts["trainable"] == 2 * per_layer
+    assert counts["total"] == sum(p.numel() for p in base.parameters()) + counts["trainable"]
+
+
+def test_molora_op_one_hot_gate_input_is_that_expert_alone():
+    torch.manual_seed(6)
+    experts, rank, d_in, d_out = 4, 3, 8, 6
+    x = torch.randn(5, d_in)
+    lora_a, lora_b = torch.randn(experts, rank, d_in), torch.randn(experts, d_out, rank)
+    gate = torch.zeros(experts, d_in)
+    gate[1, 0] = 1.0
+    gate_input = torch.zeros(5, d_in)
+    gate_input[:, 0] = 1e4
+    delta, routing = moe_lora(x, gate, lora_a, lora_b, 2.0, experts, mode="soft", gate_input=gate_input)
+    torch.testing.assert_close(routing.weights, torch.eye(experts)[[1] * 5])
+    torch.testing.assert_close(delta, lora_delta(x, lora_a[1], lora_b[1], 2.0))
+
+
+def _materialised(x, gate, lora_a, lora_b, scaling, mode, top_k):
+    """Every expert on every token (T, E, d_out) in float64, weighted by the paper's routing."""
+    probs = torch.softmax(x @ gate.T, dim=-1)
+    if mode != "soft":
+        kth = probs.topk(top_k, dim=-1).values[..., -1:]
+        probs = probs * (probs >= kth)
+    hidden = torch.einsum("td,erd->ter", x, lora_a)
+    per_expert = torch.einsum("ter,eor->teo", hidden, lora_b)
+    return scaling * torch.einsum("te,teo->to", probs, per_expert)
+
+
+@pytest.mark.parametrize("mode,top_k", [("soft", 4), ("topk_unnormalized", 2)])
+def test_molora_op_matches_float64_and_gradcheck(mode, top_k):
+    torch.manual_seed(7)
+    experts, rank, d_in, d_out = 4, 3, 6, 5
+    x = torch.randn(7, d_in, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(experts, d_in, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(experts, rank, d_in, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(experts, d_out, rank, dtype=torch.float64, requires_grad=True)
+
+    def op(x, gate, lora_a, lora_b):
+        return moe_lora(x, gate, lora_a, lora_b, 4.0, top_k, strategy="fused", mode=mode)[0]
+
+    # route() computes the routing weights in float32 even for float64 inputs: float32-level tolerances
+    # wherever the routing moves (forward, d/dx, d/dgate); the experts' gradients are exact float64.
+    expected = _materialised(x, gate, lora_a, lora_b, 4.0, mode, top_k)
+    torch.testing.assert_close(op(x, gate, lora_a, lora_b), expected, rtol=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda a, b: op(x, gate, a, b), (lora_a, lora_b))
+    assert torch.autograd.gradcheck(lambda x_, g: op(x_, g, lora_a, lora_b), (x, gate), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- sentence routing
+
+
+def test_causal_mean_skips_padding_and_matches_a_loop():
+    context = SequenceContext()
+    context.attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    h = torch.randn(2, 5, 4, dtype=torch.float64)
+    out = CausalMean(context)(h)
+    for b in range(2):
+        for t in range(5):
+            keep = [s for s in range(t + 1) if context.attention_mask[b, s]]
+            expected = h[b, keep].mean(0) if keep else torch.zeros(4, dtype=torch.float64)
+            torch.testing.assert_close(out[b, t], expected)
+
+
+@pytest.mark.parametrize("kind", ["ia3", "lora"])
+def test_sentence_routing_is_causal_and_cached_decoding_agrees(kind):
+    model = apply_method(tiny_llama(), MixtureConfig(kind=kind, num_experts=3, router_input="sentence"))
+    randomize([p for n, p in model.named_parameters() if n.endswith(("vectors", "lora_b"))], scale=0.3)
+    ids = tokens(batch=2, steps=6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    full = logits(model, ids, mask)
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=past).logits
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % VOCAB  # the last token cannot move earlier routings
+    torch.testing.assert_close(logits(model, changed, mask)[:, :-1], full[:, :-1], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the configuration space
+
+
+def test_config_labels_counts_and_errors():
+    assert MixtureConfig(kind="ia3", num_experts=10).label == "MoV-10"
+    assert MixtureConfig(kind="lora", num_experts=5, routing="top2", router_input="sentence").label == "MoLoRA-5 top-2, sentence"
+    assert MixtureConfig(kind="lora").label == "LoRA (r=4)"
+    assert MixtureConfig(kind="lora", num_experts=4, routing="top2").mode == "topk_unnormalized"
+    assert MixtureConfig(kind="lora", num_experts=4, routing="top2", renormalize=True).mode == "topk"
+    with pytest.raises(ValueError, match="num_experts=2"):
+        MixtureConfig(kind="ia3", num_experts=2, routing="top3")
+    with pytest.raises(ValueError, match="routing"):
+        MixtureConfig(routing="hard")
+    with pytest.raises(ValueError, match="bogus"):
+        MixtureConfig.from_dict({"kind": "ia3", "bogus": 1})
+    base = tiny_llama()
+    ia3 = count_trainable(apply_method(copy.deepcopy(base), MixtureConfig(kind="ia3")))
+    assert ia3["trainable"] == 2 * (16 + 16 + 48)
+    mov = apply_method(copy.deepcopy(base), MixtureConfig(kind="ia3", num_experts=5))
+    assert count_trainable(mov)["trainable"] == 2 * 5 * 2 * (16 + 16 + 48)  # vectors + routers
+    assert len(expert_layers(mov)) == 6
+    with pytest.raises(ValueError, match="targets"):
+        apply_method(copy.deepcopy(base), MixtureConfig(kind="lora", targets=("nope",)))
+
+
+def test_pretrained_adapters_are_meteora(tmp_path):
+    from meteora import MeteoRAModel
+
+    base = tiny_llama()
+    folders = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS)))
+        peft.save_pretrained(tmp_path / f"task{i}")
+        folders.append(str(tmp_path / f"task{i}"))
+    config = MixtureConfig(kind="lora", adapters=tuple(folders), routing="top1", renormalize=True)
+    assert config.num_experts == 2 and config.label == "MeteoRA top-1"
+    model = apply_method(copy.deepcopy(base), config)
+    assert isinstance(model, MeteoRAModel)
+    gates = sum(2 * i for i in (32, 32, 32, 32, 32, 32, 48)) * 2
+    assert count_trainable(model)["trainable"] == gates
+    with pytest.raises(ValueError, match="router_input"):
+        apply_method(copy.deepcopy(base), MixtureConfig(kind="lora", adapters=tuple(folders), router_input="sentence"))
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("config", [
+    MixtureConfig(kind="ia3", num_experts=2),
+    MixtureConfig(kind="lora", num_experts=2, rank=2),
+], ids=["mov2", "molora2"])
+def test_tiny_llama_learns_two_synthetic_tasks(config):
+    """Task t's sequences draw their tokens from its own third of the vocabulary, announced by a task
+    token (0 or 1); the base is frozen, only experts and routers learn."""
+    model = apply_method(tiny_llama(init=0.3), config).train()  # wide enough logits to learn with
+    gen = torch.Generator().manual_seed(9)
+    third = VOCAB // 3
+
+    def batch(size: int = 16, steps: int = 10) -> torch.Tensor:
+        task = torch.randint(0, 2, (size, 1), generator=gen)
+        return torch.cat([task, third * (task + 1) + torch.randint(0, third, (size, steps - 1), generator=gen)], 1)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.1)
+    fixed = batch(64)
+    with torch.no_grad():
+        before = model(input_ids=fixed, labels=fixed).loss.item()
+    for _ in range(30):
+        ids = batch()
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model(input_ids=fixed, labels=fixed).loss.item()
+    assert after < 0.9 * before, (before, after)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith("base.weight"))
+
+
+# ---------------------------------------------------------------- the stage's rank classification
+
+
+class CharTokenizer:
+    """One token per character (ids 2..VOCAB-1), EOS 1, pad 0: enough for the stage's scoring code."""
+
+    eos_token, eos_token_id, pad_token_id = "", 1, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [2 + ord(c) % (VOCAB - 2) for c in text]}
+
+
+@pytest.mark.parametrize("router_input", ["token", "sentence"])
+def test_rank_classification_with_a_shared_prompt_cache_matches_full_sequences(router_input):
+    from stages.mov import choice_loglikelihoods
+
+    model = apply_method(tiny_llama(), MixtureConfig(kind="ia3", num_experts=3, router_input=router_input))
+    randomize([p for n, p in model.named_parameters() if n.endswith("vectors")], scale=0.3)
+    tok = CharTokenizer()
+    prompt, choices = "which one?", ["ab", "c", "defg"]
+    scored = choice_loglikelihoods(model, tok, prompt, choices, max_prompt_tokens=8)
+    prompt_ids = tok(prompt)["input_ids"][-8:]
+    for (loglik, n), choice in zip(scored, choices):
+        ids = torch.tensor([prompt_ids + tok(choice)["input_ids"]])
+        logprobs = torch.log_softmax(logits(model, ids)[0], -1)
+        expected = sum(logprobs[len(prompt_ids) - 1 + j, ids[0, len(prompt_ids) + j]] for j in range(n))
+        assert n == len(choice)
+        assert loglik == pytest.approx(expected.item(), abs=1e-4)

@@ -1,0 +1,123 @@
+"""Gate training on a tiny random LLaMA with tiny PEFT adapters: the loss falls on a learnable routing
+task, a NaN loss stops with a clear error keeping the last good state, and a resumed run ends with the
+same gates as an uninterrupted one."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import save_peft_adapter, tiny_llama
+from meteora import attach_meteora
+from stages.train_gates import GateSettings, GateTrainer, NonFiniteLossError, batch_schedule
+from stages.training import IGNORE, Encoded
+
+NUM_TASKS = 3
+PAD = 0
+
+
+def routing_data(seed: int = 0, per_task: int = 24) -> tuple[list[Encoded], list[int]]:
+    """Task t's prompts and answers draw their tokens from its own vocabulary band, so a gate can tell
+    them apart; the LM loss is on the answers (2-3 tokens)."""
+    rng = np.random.default_rng(seed)
+    examples, task_ids = [], []
+    for task in range(NUM_TASKS):
+        low = 4 + 30 * task
+        for _ in range(per_task):
+            prompt = rng.integers(low, low + 6, size=int(rng.integers(5, 10))).tolist()
+            answer = rng.integers(low, low + 6, size=int(rng.integers(2, 4))).tolist()
+            examples.append(Encoded(prompt + answer, [IGNORE] * len(prompt) + answer))
+            task_ids.append(task)
+    return examples, task_ids
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    base = tiny_llama(seed=0)
+    root = tmp_path_factory.mktemp("adapters")
+    return {f"task{i}": save_peft_adapter(base, root / f"task{i}", seed=10 + i) for i in range(NUM_TASKS)}
+
+
+def make_trainer(adapter_dirs, checkpoint_dir, log_fn=None, **overrides) -> GateTrainer:
+    torch.manual_seed(0)
+    model = attach_meteora(tiny_llama(seed=0), adapter_dirs, top_k=2)
+    examples, task_ids = routing_data()
+    settings = GateSettings(**{"steps": 8, "batch_size": 6, "lr": 0.05, "warmup_ratio": 0.0,
+                               "log_every": 1, "checkpoint_every": 2, **overrides})
+    return GateTrainer(model, examples, task_ids, settings, checkpoint_dir, pad_id=PAD,
+                       fingerprint="test", log_fn=log_fn)
+
+
+def gates(trainer: GateTrainer) -> dict[str, torch.Tensor]:
+    return {n: layer.gate.weight.detach().clone() for n, layer in trainer.model.meteora_layers().items()}
+
+
+def test_batch_schedule_is_seeded_and_balanced():
+    task_ids = [0] * 50 + [1] * 5 + [2] * 5
+    a = batch_schedule(task_ids, steps=100, batch_size=6, seed=3)
+    assert np.array_equal(a, batch_schedule(task_ids, steps=100, batch_size=6, seed=3))
+    counts = np.bincount(np.asarray(task_ids)[a.ravel()], minlength=3) / a.size
+    assert np.all(np.abs(counts - 1 / 3) < 0.05)  # balanced although task 0 has 10x the data
+    unbalanced = batch_schedule(task_ids, steps=100, batch_size=6, seed=3, balance=False)
+    assert np.bincount(np.asarray(task_ids)[unbalanced.ravel()])[0] / unbalanced.size > 0.7
+
+
+def test_gate_loss_falls_and_routing_is_learned(adapter_dirs, tmp_path):
+    trainer = make_trainer(adapter_dirs, tmp_path, steps=40, lr=0.1, checkpoint_every=100)
+    history = trainer.fit()
+    first = np.mean([h["gate_loss_per_gate"] for h in history[:3]])
+    last = np.mean([h["gate_loss_per_gate"] for h in history[-5:]])
+    assert first > math.log(NUM_TASKS) * 0.8 and last < 0.5 * first
+    assert np.mean([h["routing_accuracy"] for h in history[-5:]]) > 0.85
+    assert all(math.isfinite(h["lm_loss"]) for h in history)
+    assert any(k.startswith("routing_accuracy_layer_") for k in history[-1])
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(adapter_dirs, tmp_path, monkeypatch):
+    trainer = make_trainer(adapter_dirs, tmp_path)
+    real_gate_loss, calls = trainer.model.gate_loss, {"n": 0}
+
+    def failing_gate_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_gate_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(trainer.model, "gate_loss", failing_gate_loss)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 4 .*step 3"):
+        trainer.fit()
+    state = torch.load(trainer.checkpoint_path, weights_only=False)
+    assert state["step"] == 3
+    for name, weight in gates(trainer).items():
+        assert torch.isfinite(state["gates"][name]).all()
+        assert torch.equal(state["gates"][name], weight)
+
+
+def test_resume_after_interruption_gives_the_same_gates(adapter_dirs, tmp_path):
+    uninterrupted = make_trainer(adapter_dirs, tmp_path / "a")
+    uninterrupted.fit()
+
+    def interrupt(metrics, step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    first = make_trainer(adapter_dirs, tmp_path / "b", log_fn=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = make_trainer(adapter_dirs, tmp_path / "b")
+    with torch.no_grad():  # fresh gates that differ from the checkpoint's, to prove they get replaced
+        for p in resumed.model.gate_parameters():
+            p.normal_()
+    assert resumed.try_resume() and resumed.step == 4
+    resumed.fit()
+    expected = gates(uninterrupted)
+    for name, weight in gates(resumed).items():
+        assert torch.equal(weight, expected[name]), name
+    assert [h["step"] for h in resumed.history] == list(range(1, 9))
+
+
+def test_checkpoint_of_another_configuration_is_ignored(adapter_dirs, tmp_path):
+    make_trainer(adapter_dirs, tmp_path).fit()
+    other = make_trainer(adapter_dirs, tmp_path)
+    other.fingerprint = "different"
+    assert not other.try_resume() and other.step == 0
