@@ -352,3 +352,27 @@ def test_rank_classification_with_a_shared_prompt_cache_matches_full_sequences(r
         expected = sum(logprobs[len(prompt_ids) - 1 + j, ids[0, len(prompt_ids) + j]] for j in range(n))
         assert n == len(choice)
         assert loglik == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_mov_report_writes_the_table_and_figures(tmp_path):
+    from stages.mov_report import write_mov_report
+
+    def entry(name, config, score, routing=None):
+        return {"name": name, "label": MixtureConfig.from_dict(config).label if config else "Base (zero-shot)",
+                "config": MixtureConfig.from_dict(config).to_dict() if config else None, "percent": 0.1, "trainable": 10,
+                "heldout_average": score, "heldout": {"t2": {"score": score, "top_prediction_share": 100.0}},
+                "train_average": 50.0, "routing": routing}
+
+    results = {
+        "model": "tiny", "train_tasks": ["t1"], "heldout_tasks": ["t2"], "heldout_baselines": {"t2": {"chance": 50.0, "majority": 60.0}},
+        "train": {"steps": 1, "batch_size": 1, "max_length": 8}, "eval": {"max_test_per_task": 4},
+        "methods": [entry("base", None, 40.0), entry("ia3", {"kind": "ia3"}, 45.0),
+                    entry("mov2", {"kind": "ia3", "num_experts": 2}, 50.0,
+                          {"module": "model.layers.1.mlp.down_proj", "per_task": {"t1": [0.3, 0.7], "t2": [0.6, 0.4]}}),
+                    entry("mov2_top1", {"kind": "ia3", "num_experts": 2, "routing": "top1"}, 47.0)],
+    }
+    paths = write_mov_report(results, tmp_path / "tables", tmp_path / "figures", tag="x")
+    assert [p.name for p in paths] == ["mov_table1_x.md", "mov_experts_x.png", "mov_routing_x.png", "mov_specialisation_x.png"]
+    table = paths[0].read_text()
+    assert "| MoV-2 | 0.10 | 10 | 50.00 | 50.00 | 1 / 1 | 50.00 | — |" in table and "(uniform guess)" in table
+    assert all(p.stat().st_size > 1000 for p in paths[1:])

@@ -43,11 +43,13 @@ def _variant(entry: Mapping) -> tuple[str, int, str, str]:
 def table1(results: Mapping) -> str:
     heldout = results["heldout_tasks"]
     headers = ["method", "% params updated", "trainable params", "held-out average", *heldout,
-               "training tasks (test) average", "paper T5-3B held-out"]
+               "held-out tasks answered by one constant choice", "training tasks (test) average", "paper T5-3B held-out"]
     rows = []
     for e in results["methods"]:
+        shares = [(e["heldout"].get(t) or {}).get("top_prediction_share") for t in heldout]
+        constant = None if None in shares else f"{sum(v >= 100.0 for v in shares)} / {len(shares)}"
         rows.append([e["label"], e["percent"], e["trainable"], e["heldout_average"],
-                     *[(e["heldout"].get(t) or {}).get("score") for t in heldout], e["train_average"],
+                     *[(e["heldout"].get(t) or {}).get("score") for t in heldout], constant, e["train_average"],
                      PAPER_T5_3B.get(e["label"])])
     for name in ("chance", "majority"):
         base = results.get("heldout_baselines", {})
@@ -55,7 +57,7 @@ def table1(results: Mapping) -> str:
             values = [base.get(t, {}).get(name) for t in heldout]
             mean = sum(values) / len(values) if None not in values else None
             rows.append([f"({'uniform guess' if name == 'chance' else 'constant majority label'})", None, None,
-                         mean, *values, None, None])
+                         mean, *values, None, None, None])
     train = results["train"]
     note = (
         f"**MoV / MoLoRA, Table 1 layout.** {results['model']}, trained on {len(results['train_tasks'])} tasks "

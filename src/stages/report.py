@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from stages.common import load_config, read_json, write_json
 from stages.figures import markdown_table, radar, routing_trace, strategy_runtime
+from stages.mov_report import write_all as write_mov_reports
 
 METHOD_LABELS = {"base": "base model", "oracle": "PEFT oracle (right adapter by hand)", "lora_b": "LoRA-B"}
 
@@ -132,6 +133,7 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
     write_json(reports / "plots" / "table1.json",
                [{"method": label(m), "average": r["average"]} for m, r in results["table1"].items()])
     written.append(reports / "plots" / "table1.json")
+    written += write_mov_reports(reports)
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, {platform.platform()}"

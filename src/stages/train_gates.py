@@ -62,6 +62,7 @@ class GateSettings:
     weight_decay: float = 0.01
     max_grad_norm: float = 0.3
     lambda_gate: float = 50.0
+    gradient: str = "full"
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 50
@@ -109,8 +110,27 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+def local_gate_loss(model: MeteoRAModel, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """The gate cross-entropy of `model.gate_loss` (summed over gates, mean over non-padding tokens), with
+    every gate's logits recomputed from its recorded, detached input: gradients reach each gate from its
+    own cross-entropy only. inputs: module name -> (B, T, d_in); task_ids (B,); attention_mask (B, T)."""
+    targets = task_ids[:, None].expand(attention_mask.shape).masked_fill(attention_mask == 0, IGNORE).flatten()
+    layers = model.meteora_layers()
+    return sum(
+        F.cross_entropy((x @ layers[name].gate.weight.to(x.dtype).T).flatten(0, 1).float(), targets, ignore_index=IGNORE)
+        for name, x in inputs.items()
+    )
+
+
 class GateTrainer:
-    """Trains the gates of a :class:`MeteoRAModel` on encoded (prompt + answer, task id) examples."""
+    """Trains the gates of a :class:`MeteoRAModel` on encoded (prompt + answer, task id) examples.
+
+    settings.gradient = "full" (the paper): LM + lambda x gate cross-entropy back-propagated through the
+    frozen model. "local": the forward runs without autograd and each gate learns from its own
+    cross-entropy on its recorded input (no backward through the model, about half the cost of a step;
+    the LM term is logged but gives no gradient); single process only.
+    """
 
     def __init__(
         self,
@@ -126,6 +146,10 @@ class GateTrainer:
         forward_module: torch.nn.Module | None = None,
         gradient_accumulation: int = 1,
     ) -> None:
+        if settings.gradient not in ("full", "local"):
+            raise ValueError(f"gate.gradient={settings.gradient!r} must be 'full' or 'local'")
+        if settings.gradient == "local" and (world_size() > 1 or forward_module not in (None, model)):
+            raise ValueError("gate.gradient=local trains in a single process only (trainer=single)")
         if settings.batch_size < world_size() * gradient_accumulation:
             raise ValueError(
                 f"gate.batch_size={settings.batch_size} is smaller than {world_size()} ranks x "
@@ -210,9 +234,12 @@ class GateTrainer:
             batch = {k: v.to(device) for k, v in collate([self.examples[i] for i in micro], self.pad_id).items()}
             mask, labels, task_ids = batch["attention_mask"], batch["labels"], self.task_ids[micro].to(device)
             positions = predicted_positions(labels)
-            out = self.forward_module(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=positions)
-            lm = lm_loss(out.logits, labels, positions)
-            gate = self.model.gate_loss(task_ids, mask)
+            if self.settings.gradient == "local":
+                lm, gate = self._local_losses(batch["input_ids"], mask, labels, positions, task_ids)
+            else:
+                out = self.forward_module(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=positions)
+                lm = lm_loss(out.logits, labels, positions)
+                gate = self.model.gate_loss(task_ids, mask)
             lm_share = int((labels[:, 1:] != IGNORE).sum()) / lm_tokens
             gate_share = int(mask.sum()) / gate_tokens
             loss = world * (lm * lm_share + self.settings.lambda_gate * gate * gate_share)
@@ -248,6 +275,19 @@ class GateTrainer:
             "tokens": int(gate_tokens),
             **{f"routing_accuracy_layer_{layer:02d}": acc for layer, acc in per_layer.items()},
         }
+
+    def _local_losses(self, input_ids, mask, labels, positions, task_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM loss without gradient, gate loss with gradients into the gates only) for gradient=local."""
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+                 for name, layer in self.model.meteora_layers().items()]
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=positions)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return lm_loss(out.logits, labels, positions), local_gate_loss(self.model, inputs, task_ids, mask)
 
     def fit(self) -> list[dict]:
         """Train until `settings.steps`, checkpointing and logging; returns the logged history."""
