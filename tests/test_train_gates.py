@@ -121,3 +121,20 @@ def test_checkpoint_of_another_configuration_is_ignored(adapter_dirs, tmp_path):
     other = make_trainer(adapter_dirs, tmp_path)
     other.fingerprint = "different"
     assert not other.try_resume() and other.step == 0
+
+
+def test_local_gradient_matches_full_losses_and_learns(adapter_dirs, tmp_path):
+    """gradient=local computes the same losses as the paper's full back-propagation (same gates, same
+    batch) and its routing is learned too."""
+    full = make_trainer(adapter_dirs, tmp_path / "full", steps=1)
+    local = make_trainer(adapter_dirs, tmp_path / "local", steps=1, gradient="local")
+    full.model.keep_routing(True)
+    local.model.keep_routing(True)
+    a, b = full.train_step(), local.train_step()
+    for key in ("lm_loss", "gate_loss", "routing_accuracy"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    trainer = make_trainer(adapter_dirs, tmp_path / "learn", steps=40, lr=0.1, checkpoint_every=100, gradient="local")
+    history = trainer.fit()
+    assert np.mean([h["routing_accuracy"] for h in history[-5:]]) > 0.85
+    with pytest.raises(ValueError, match="gate.gradient"):
+        make_trainer(adapter_dirs, tmp_path / "bad", gradient="none")
