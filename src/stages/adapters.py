@@ -28,13 +28,13 @@ from stages.common import (
     ConfigError,
     device,
     load_config,
-    read_jsonl,
     seed_everything,
     set_threads,
     start_run,
     write_json,
 )
 from stages.hub import download
+from stages.setup import load_task_split
 from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,16 +50,6 @@ def adapter_source(cfg: DictConfig) -> str:
     if source == "hub" and not cfg.model.get("paper_adapters"):
         raise ConfigError(f"adapter.source=hub but model {cfg.model.name!r} names no paper_adapters")
     return source
-
-
-def task_records(cfg: DictConfig, task: str, split: str) -> list[dict]:
-    path = Path(cfg.paths.data) / "tasks" / task / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"task {task!r}: {path} does not exist (run the build_datasets stage)")
-    records = read_jsonl(path)
-    if not records:
-        raise ValueError(f"task {task!r}: {path} is empty")
-    return records
 
 
 def check_task(cfg: DictConfig, task: str) -> None:
@@ -115,7 +105,7 @@ def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
     seed_everything(seed)
     base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", DTYPES[str(cfg.model.dtype)], device())
     max_length = int(cfg.model.max_length)
-    train = task_records(cfg, task, "train")[: int(cfg.adapter.train.n_examples)]
+    train = load_task_split(cfg, task, "train", int(cfg.adapter.train.n_examples))
     data = encode_records(tokenizer, train, max_length)
     settings = TrainSettings.from_config(cfg.adapter.train, max_length=max_length, seed=seed)
     model = with_lora(base, cfg.adapter.lora, seed)
@@ -127,7 +117,7 @@ def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
     report = {"task": task, "source": "train", "train_examples": len(train), "train": stats}
     n_eval = int(cfg.adapter.eval.n_examples)
     if n_eval > 0:
-        test = task_records(cfg, task, "test")[:n_eval]
+        test = load_task_split(cfg, task, "test", n_eval)
         report["metric"] = test[0]["metric"]
         report["eval_examples"] = len(test)
         report["adapter"] = score(model, tokenizer, test, cfg.adapter.eval, max_length)

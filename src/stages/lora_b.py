@@ -14,7 +14,8 @@ import mlflow
 from omegaconf import DictConfig
 
 from meteora.adapters import validate_adapter
-from stages.adapters import DTYPES, adapter_source, fetch_paper_folder, meta_base, save_peft, task_records
+from stages.adapters import DTYPES, adapter_source, fetch_paper_folder, meta_base, save_peft
+from stages.setup import load_task_split
 from stages.common import device, load_config, seed_everything, set_threads, start_run, write_json
 from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
 
@@ -28,7 +29,7 @@ def train_lora_b(cfg: DictConfig, out: Path) -> dict:
     per_task = int(cfg.adapter.lora_b.samples_per_task)
     counts, data = {}, []
     for task in (str(t) for t in cfg.tasks.names):
-        records = task_records(cfg, task, "train")[:per_task]
+        records = load_task_split(cfg, task, "train", per_task)
         counts[task] = len(records)
         data += encode_records(tokenizer, records, max_length)
     settings = TrainSettings.from_config(cfg.adapter.lora_b, max_length=max_length, seed=seed)
