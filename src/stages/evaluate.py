@@ -216,8 +216,8 @@ def evaluate(cfg: DictConfig) -> dict:
                 for task, acc in trace.get("segment_accuracy", {}).items():
                     segments.setdefault(task, []).append(acc)
             comp[name]["meteora"]["segment_routing_accuracy"] = {t: mean(v) for t, v in segments.items()}
-            if name == cfg.eval.trace.composite:
-                index = int(cfg.eval.trace.index)
+            index = int(cfg.eval.trace.index)
+            if name == cfg.eval.trace.composite and index < len(answer_traces) and answer_traces[index]:
                 traces[name] = {"title": f"MeteoRA routing across a {name} answer (test sample {index})",
                                 "tasks": records[index]["tasks"], **answer_traces[index]}
     methods_run = [m for m in (*BASELINES, *map(meteora_method, top_ks)) if m in per_task]
