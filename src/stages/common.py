@@ -135,10 +135,12 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(cfg: DictConfig) -> None:
-    """Apply `cpu_threads` (torch intra-op threads on CPU) when it is set."""
+    """torch intra-op threads on CPU: `cpu_threads` when set, else this process's share of the cores
+    (all of them for one process, cores / processes under torchrun)."""
     threads = OmegaConf.select(cfg, "cpu_threads", default=None)
-    if threads:
-        torch.set_num_threads(int(threads))
+    if not threads:
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(int(threads))
 
 
 def device() -> torch.device:

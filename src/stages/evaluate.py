@@ -10,7 +10,6 @@ Run: `python -m stages.evaluate [eval.max_test_per_task=5 ...]`.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from meteora import MeteoRAModel
 from meteora.distributed import destroy_distributed, is_main_process
-from stages.common import load_config, read_jsonl, seed_everything, start_run, write_json
+from stages.common import load_config, read_jsonl, seed_everything, set_threads, start_run, write_json
 from stages.generation import sharded_generate
 from stages.launch import setup_distributed
 from stages.metrics import score_composite, score_task
@@ -271,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(cfg: DictConfig) -> None:
     seed_everything(int(cfg.seed))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    set_threads(cfg)
     main_process = is_main_process()
     run_context = start_run(cfg, "evaluate", params={"eval": cfg.eval, "gate": cfg.gate})
     with run_context if main_process else contextlib.nullcontext() as _:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from torch import nn
 
 from meteora.methods import MixtureConfig, apply_method, count_trainable
 from meteora.router_input import attach_sequence_context
-from stages.common import ConfigError, load_config, seed_everything, start_run, write_json
+from stages.common import ConfigError, load_config, seed_everything, set_threads, start_run, write_json
 from stages.generation import greedy_generate, pad_batch
 from stages.metrics import normalize, score_task
 from stages.setup import load_base, load_task_split, task_list
@@ -267,7 +266,7 @@ def load_data(cfg: DictConfig, tokenizer, train_tasks: Sequence[str], heldout: S
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    set_threads(cfg)
     train_tasks, heldout = split_tasks(cfg)
     configs = method_configs(cfg)
     base_model, tokenizer = load_base(cfg)

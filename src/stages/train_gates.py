@@ -38,7 +38,7 @@ from meteora.distributed import (
     is_main_process, load_full_gate_state, load_full_optimizer_state, local_value, rank, save_gates,
     shard_indices, world_size, wrap_for_training,
 )
-from stages.common import load_config, seed_everything, start_run, write_json
+from stages.common import load_config, seed_everything, set_threads, start_run, write_json
 from stages.launch import TrainerSettings, setup_distributed, trainer_summary
 from stages.setup import build_meteora, load_task_split, selected_tasks
 from stages.training import IGNORE, Encoded, collate, encode
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
     """The stage's work on this rank (every rank of a DDP/FSDP run calls it)."""
     seed_everything(int(cfg.seed))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    set_threads(cfg)
     tasks = selected_tasks(cfg)
     model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.gate.top_k), temperature=float(cfg.gate.temperature))
     forward_module = wrap_for_training(model, engine.engine, engine.mixed_precision, engine.gradient_checkpointing, info.device)
