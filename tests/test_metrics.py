@@ -28,6 +28,10 @@ def test_answer_contained():
     assert answer_contained("I think the answer is Paris, France.", ["paris"]) == 100.0
     assert answer_contained("London", ["Paris", "Rome"]) == 0.0
     assert answer_contained("anything", [""]) == 0.0
+    assert answer_contained("The statement is incorrect.", ["correct"]) == 0.0
+    assert answer_contained("I don't know", ["no"]) == 0.0
+    assert answer_contained("No, it is not.", ["no"]) == 100.0
+    assert answer_contained("answer: (b) 3.5 m/s!", ["3.5 m/s"]) == 100.0
 
 
 def test_bleu_by_hand():

@@ -41,9 +41,10 @@ def exact_match(prediction: str, targets: Sequence[str]) -> float:
 
 
 def answer_contained(prediction: str, targets: Sequence[str]) -> float:
-    """100 if one of the (normalised, non-empty) targets occurs in the normalised prediction."""
+    """100 if one of the (normalised, non-empty) targets occurs in the normalised prediction as whole
+    words: "correct" is not contained in "incorrect", nor "no" in "know"."""
     answer = normalize(prediction)
-    return 100.0 * any(normalize(t) and normalize(t) in answer for t in targets)
+    return 100.0 * any(t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", answer) for t in map(normalize, targets))
 
 
 def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
