@@ -32,7 +32,7 @@ WORDS = {task: [f"w{t}_{j}" for j in range(8)] for t, task in enumerate(TASKS)}
 PROFILE = ["model=tiny_random", "tasks=tiny"]  # the stages read the model and adapters written below
 TRAIN = [
     "gate.steps=4", "gate.batch_size=4", "gate.max_length=24", "gate.lr=0.05", "gate.warmup_ratio=0.0",
-    "gate.log_every=1", "gate.checkpoint_every=2", "gate.resume=true",
+    "gate.log_every=1", "gate.checkpoint_every=2", "gate.resume=true", "gate.gradient=full",
 ]
 EVAL = [  # batches of one prompt: the outputs cannot depend on which prompts share a padded batch
     "eval.methods=[meteora]", "eval.meteora_top_ks=[]", "eval.batch_size=1", "eval.max_test_per_task=5",

@@ -149,7 +149,8 @@ class GateTrainer:
         if settings.gradient not in ("full", "local"):
             raise ValueError(f"gate.gradient={settings.gradient!r} must be 'full' or 'local'")
         if settings.gradient == "local" and (world_size() > 1 or forward_module not in (None, model)):
-            raise ValueError("gate.gradient=local trains in a single process only (trainer=single)")
+            raise ValueError("gate.gradient=local trains in a single process only (trainer=single); "
+                             "with trainer=ddp or fsdp set gate.gradient=full (the paper's objective)")
         if settings.batch_size < world_size() * gradient_accumulation:
             raise ValueError(
                 f"gate.batch_size={settings.batch_size} is smaller than {world_size()} ranks x "
