@@ -106,13 +106,34 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def project_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The project's root: the working directory, or, inside a DVC experiment's temporary workspace
+    (`<root>/.dvc/tmp/exps/<run>/`, where queued and `--temp` experiments run), the root it was copied from."""
+    cwd = Path(cwd or os.getcwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
+    """`mlflow.tracking_uri` with a relative `sqlite:///` path anchored at :func:`project_root`, so that
+    every run, queued DVC experiments included, lands in the project's one store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
+        return prefix + str(project_root(cwd) / uri[len(prefix):])
+    return uri
+
+
 @contextlib.contextmanager
 def start_run(cfg: DictConfig, stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """An MLflow run of one stage: tracking store and experiment from `cfg.mlflow`, tagged with the stage,
-    the DVC experiment name (env `DVC_EXP_NAME`) and the model/tasks profile; logs `params` flattened."""
+    """An MLflow run of one stage: tracking store (env `MLFLOW_TRACKING_URI`, else `cfg.mlflow`) and experiment
+    from `cfg.mlflow`, tagged with the stage, the DVC experiment name (env `DVC_EXP_NAME`) and the
+    model/tasks profile; logs `params` flattened."""
     import mlflow
 
-    mlflow.set_tracking_uri(str(cfg.mlflow.tracking_uri))
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(str(cfg.mlflow.tracking_uri)))
     mlflow.set_experiment(str(cfg.mlflow.experiment))
     tags = {
         "stage": stage,

@@ -1,0 +1,23 @@
+"""Where MLflow runs go: one store per project, also from DVC's temporary experiment workspaces."""
+
+from pathlib import Path
+
+from stages.common import project_root, tracking_uri
+
+
+def test_project_root_of_a_dvc_experiment_workspace(tmp_path):
+    run_dir = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    run_dir.mkdir(parents=True)
+    assert project_root(run_dir) == (tmp_path / "proj").resolve()
+    assert project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
+
+
+def test_relative_sqlite_store_is_anchored_at_the_project(tmp_path):
+    run_dir = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    run_dir.mkdir(parents=True)
+    expected = f"sqlite:///{(tmp_path / 'proj').resolve() / 'mlflow.db'}"
+    assert tracking_uri("sqlite:///mlflow.db", run_dir) == expected
+    assert tracking_uri("sqlite:///mlflow.db", tmp_path / "proj") == expected
+    absolute = f"sqlite:///{Path('/data/mlflow.db')}"
+    assert tracking_uri(absolute, run_dir) == absolute
+    assert tracking_uri("http://mlflow.example:5000", run_dir) == "http://mlflow.example:5000"
