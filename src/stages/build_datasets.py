@@ -17,7 +17,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stages.common import ConfigError, load_config, seed_everything, start_run, write_json, write_jsonl
+from stages.common import ConfigError, load_config, project_root, seed_everything, start_run, write_json, write_jsonl
 from stages.data import (
     build_composite,
     check_leakage,
@@ -28,6 +28,14 @@ from stages.data import (
     read_task_files,
     split_examples,
 )
+
+
+def shared_archive(path: str | Path) -> Path:
+    """`path`, or the same relative path under the project root when this runs in a DVC experiment's
+    temporary workspace (queued experiments) and only the project holds the 358 MB archive."""
+    path = Path(path)
+    shared = project_root() / path
+    return shared if not path.is_absolute() and not path.is_file() and shared.is_file() else path
 
 
 def check_task_names(cfg: DictConfig) -> list[str]:
@@ -77,7 +85,7 @@ def load_examples(cfg: DictConfig, names: Sequence[str]):
         if bb.get("dir"):
             files = read_task_files(bigbench, directory=bb.dir)
         else:
-            archive = fetch_archive(bb.archive, str(bb.version))
+            archive = fetch_archive(shared_archive(bb.archive), str(bb.version))
             files = read_task_files(bigbench, archive=archive)
     out = {}
     for task in tqdm(names, desc="parse tasks"):
