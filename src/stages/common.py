@@ -128,12 +128,12 @@ def tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
 
 @contextlib.contextmanager
 def start_run(cfg: DictConfig, stage: str, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """An MLflow run of one stage: tracking store (env `MLFLOW_TRACKING_URI`, else `cfg.mlflow`) and experiment
-    from `cfg.mlflow`, tagged with the stage, the DVC experiment name (env `DVC_EXP_NAME`) and the
-    model/tasks profile; logs `params` flattened."""
+    """An MLflow run of one stage: tracking store and experiment from `cfg.mlflow` (a server:
+    `mlflow.tracking_uri=http://...`), tagged with the stage, the DVC experiment name (env `DVC_EXP_NAME`)
+    and the model/tasks profile; logs `params` flattened."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(str(cfg.mlflow.tracking_uri)))
+    mlflow.set_tracking_uri(tracking_uri(str(cfg.mlflow.tracking_uri)))
     mlflow.set_experiment(str(cfg.mlflow.experiment))
     tags = {
         "stage": stage,
