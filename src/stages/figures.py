@@ -62,7 +62,7 @@ def routing_trace(trace: Mapping, path: Path) -> None:
     ax.set_yticklabels(adapters, fontsize=7)
     ax.set_xlabel("token position in the answer")
     ax.set_title(trace.get("title", "routing trace"), pad=28)
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=7, frameon=False)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     _save(fig, path)
 
 
