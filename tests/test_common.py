@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from stages.common import project_root, tracking_uri
+from stages.common import CONFIG_NAME, shared_root, tracking_uri
 
 
-def test_project_root_of_a_dvc_experiment_workspace(tmp_path):
+def test_shared_root_of_a_dvc_experiment_workspace(tmp_path):
     run_dir = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     run_dir.mkdir(parents=True)
-    assert project_root(run_dir) == (tmp_path / "proj").resolve()
-    assert project_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
+    assert shared_root(run_dir) == (tmp_path / "proj").resolve()
+    assert shared_root(tmp_path / "proj") == (tmp_path / "proj").resolve()
 
 
 def test_relative_sqlite_store_is_anchored_at_the_project(tmp_path):
@@ -28,7 +28,8 @@ def test_experiment_workspace_reads_the_projects_bigbench_archive(tmp_path, monk
 
     archive = Path("data/raw/bigbench-1.0.0.tar.gz")
     run_dir = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
-    run_dir.mkdir(parents=True)
+    (run_dir / "conf").mkdir(parents=True)  # a workspace copy holds the project's conf/
+    (run_dir / "conf" / f"{CONFIG_NAME}.yaml").write_text("seed: 0\n")
     monkeypatch.chdir(run_dir)
     assert shared_archive(archive) == archive  # nowhere yet: downloaded into the workspace
     (tmp_path / "proj" / archive).parent.mkdir(parents=True)

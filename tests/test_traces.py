@@ -77,3 +77,20 @@ def test_recorder_counts_prompt_tokens_routed_to_their_label(tmp_path):
     assert float(recorder.correct[2].sum()) == 0.0
     assert recorder.answer_ids == {0: [int(ids[0, 0])], 1: [int(ids[1, 0])], 2: [int(ids[2, 0])]}
     assert all(torch.isclose(s[0].sum(), torch.tensor(1.0)) for s in recorder.answer_share.values())
+
+
+def test_trace_index_out_of_range_is_named_before_decoding():
+    import pytest
+    from omegaconf import OmegaConf
+
+    from stages.common import ConfigError
+    from stages.evaluate import check_trace_index
+
+    cfg = OmegaConf.create({"eval": {"trace": {"composite": "composite-3", "index": 4},
+                                     "composite": {"max_samples": 4}}})
+    composites = {"composite-3": [{"input": "a"}] * 4}
+    with pytest.raises(ConfigError, match=r"eval.trace.index=4: composite-3 has 4 prompts"):
+        check_trace_index(cfg, composites)
+    cfg.eval.trace.index = 3
+    check_trace_index(cfg, composites)
+    check_trace_index(cfg, {})  # the traced set is not evaluated here: nothing to check

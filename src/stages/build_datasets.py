@@ -17,7 +17,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stages.common import ConfigError, load_config, project_root, seed_everything, start_run, write_json, write_jsonl
+from stages.common import ConfigError, load_config, seed_everything, shared_root, start_run, write_json, write_jsonl
 from stages.data import (
     build_composite,
     check_leakage,
@@ -34,7 +34,7 @@ def shared_archive(path: str | Path) -> Path:
     """`path`, or the same relative path under the project root when this runs in a DVC experiment's
     temporary workspace (queued experiments) and only the project holds the 358 MB archive."""
     path = Path(path)
-    shared = project_root() / path
+    shared = shared_root() / path
     return shared if not path.is_absolute() and not path.is_file() and shared.is_file() else path
 
 

@@ -106,23 +106,24 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def project_root(cwd: str | os.PathLike | None = None) -> Path:
-    """The project's root: the working directory, or, inside a DVC experiment's temporary workspace
-    (`<root>/.dvc/tmp/exps/<run>/`, where queued and `--temp` experiments run), the root it was copied from."""
-    cwd = Path(cwd or os.getcwd()).resolve()
-    parts = cwd.parts
+def shared_root(workspace: str | os.PathLike | None = None) -> Path:
+    """The project that owns a workspace (default :func:`project_root`): the workspace itself, or, for a DVC
+    experiment's temporary copy (`<root>/.dvc/tmp/exps/<run>/`, where queued and `--temp` experiments run),
+    the root it was copied from. Stores shared by all runs (MLflow, the raw-data cache) live there."""
+    workspace = Path(workspace or project_root()).resolve()
+    parts = workspace.parts
     for i in range(len(parts) - 3):
         if parts[i:i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return cwd
+    return workspace
 
 
-def tracking_uri(uri: str, cwd: str | os.PathLike | None = None) -> str:
-    """`mlflow.tracking_uri` with a relative `sqlite:///` path anchored at :func:`project_root`, so that
+def tracking_uri(uri: str, workspace: str | os.PathLike | None = None) -> str:
+    """`mlflow.tracking_uri` with a relative `sqlite:///` path anchored at :func:`shared_root`, so that
     every run, queued DVC experiments included, lands in the project's one store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
-        return prefix + str(project_root(cwd) / uri[len(prefix):])
+        return prefix + str(shared_root(workspace) / uri[len(prefix):])
     return uri
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from meteora import MeteoRAModel
 from meteora.distributed import destroy_distributed, is_main_process
-from stages.common import load_config, read_jsonl, seed_everything, set_threads, start_run, write_json
+from stages.common import ConfigError, load_config, read_jsonl, seed_everything, set_threads, start_run, write_json
 from stages.generation import sharded_generate
 from stages.launch import setup_distributed
 from stages.metrics import score_composite, score_task
@@ -51,6 +51,14 @@ def load_composites(cfg: DictConfig, tasks: Sequence[str]) -> dict[str, list[dic
             continue
         out[name] = records
     return out
+
+
+def check_trace_index(cfg: DictConfig, composites: dict[str, list[dict]]) -> None:
+    """Fail before any decoding when `eval.trace.index` names no prompt of the traced composite set."""
+    name, index = cfg.eval.trace.composite, int(cfg.eval.trace.index)
+    if name in composites and not 0 <= index < len(composites[name]):
+        raise ConfigError(f"eval.trace.index={index}: {name} has {len(composites[name])} prompts here "
+                          f"(eval.composite.max_samples={cfg.eval.composite.max_samples})")
 
 
 def generate_pooled(model, tokenizer, cfg: DictConfig, tests: dict[str, list[dict]],
@@ -155,6 +163,7 @@ def evaluate(cfg: DictConfig) -> dict:
     tasks = selected_tasks(cfg)
     tests = load_tests(cfg, tasks)
     composites = load_composites(cfg, tasks)
+    check_trace_index(cfg, composites)
     methods = list(cfg.eval.methods)
     gate_top_k = min(int(cfg.gate.top_k), len(tasks))
     top_ks = sorted({min(int(k), len(tasks)) for k in cfg.eval.meteora_top_ks} | {gate_top_k})
@@ -216,7 +225,9 @@ def evaluate(cfg: DictConfig) -> dict:
                     segments.setdefault(task, []).append(acc)
             comp[name]["meteora"]["segment_routing_accuracy"] = {t: mean(v) for t, v in segments.items()}
             index = int(cfg.eval.trace.index)
-            if name == cfg.eval.trace.composite and index < len(answer_traces) and answer_traces[index]:
+            if name == cfg.eval.trace.composite and not answer_traces[index]:
+                print(f"evaluate: {name} answer {index} is empty: no routing trace (Figure 4)")
+            elif name == cfg.eval.trace.composite:
                 traces[name] = {"title": f"MeteoRA routing across a {name} answer (test sample {index})",
                                 "tasks": records[index]["tasks"], **answer_traces[index]}
     methods_run = [m for m in (*BASELINES, *map(meteora_method, top_ks)) if m in per_task]

@@ -119,9 +119,8 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
     scores = {label(m): {t: results["per_task"][m][t]["score"] for t in tasks} for m in results["methods"]}
     radar(scores, tasks, figures / "fig3_radar.png", "Figure 3: primary score per task")
     written.append(figures / "fig3_radar.png")
-    trace = next((t for t in traces.values() if t.get("share")), None)
-    if trace:
-        routing_trace(trace, figures / "fig4_routing_trace.png")
+    if traces:
+        routing_trace(next(iter(traces.values())), figures / "fig4_routing_trace.png")
         written.append(figures / "fig4_routing_trace.png")
     series = {}
     for path in sorted((reports / "benchmark").glob("*.json")):
