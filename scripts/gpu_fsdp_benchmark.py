@@ -53,7 +53,12 @@ def worker(args: argparse.Namespace) -> None:
 
     from meteora import attach_meteora, random_adapter_bank
     from meteora.distributed import (
-        destroy_distributed, gather_objects, gradient_sync, init_distributed, is_main_process, wrap_for_training,
+        destroy_distributed,
+        gather_objects,
+        gradient_sync,
+        init_distributed,
+        is_main_process,
+        wrap_for_training,
     )
 
     info = init_distributed("nccl" if args.device == "cuda" else "gloo", force=True)

@@ -328,7 +328,8 @@ def test_paper_adapters_come_from_the_hub_and_fail_at_once_offline(monkeypatch, 
     assert adapter_source(cfg) == "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
-    with pytest.raises(HubDownloadError, match="adapter folder llama3_8b_peft/winowhy from NJUDeepEngine/MeteoRA-llama3-8b"):
+    message = "adapter folder llama3_8b_peft/winowhy from NJUDeepEngine/MeteoRA-llama3-8b"
+    with pytest.raises(HubDownloadError, match=message):
         hub_adapter(cfg, "winowhy", tmp_path / "adapters" / "winowhy")
 
 

@@ -8,6 +8,7 @@ same check from scratch, and evaluation's sharded generation must give the singl
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from helpers import save_peft_adapter, tiny_llama
 from meteora import attach_meteora
@@ -79,7 +81,9 @@ def shared(tmp_path_factory) -> Path:
                   "targets": ["w0_0", "w1_0", "w2_0"]} for _ in range(3)]
     (root / "data" / "composite").mkdir()
     (root / "data" / "composite" / "composite-3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in composite))
-    model = attach_meteora(tiny_llama(seed=0), {t: root / "artifacts" / "adapters" / t for t in TASKS})
+    with contextlib.chdir(root):  # the stages load the base model as artifacts/model: the gates' manifest names it
+        lm = AutoModelForCausalLM.from_pretrained("artifacts/model")
+    model = attach_meteora(lm, {t: root / "artifacts" / "adapters" / t for t in TASKS})
     with torch.no_grad():
         for gate in model.gate_parameters():
             gate.normal_(0, 2.0, generator=torch.Generator().manual_seed(gate.numel()))

@@ -8,10 +8,10 @@ DEVICE = os.environ.get("METEORA_KERNEL_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from meteora.kernels import fused, fused_moe_lora, kernels_available, triton_mixture
+from meteora.kernels import dense, fused, fused_moe_lora, kernels_available, triton_mixture  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -154,7 +154,10 @@ def test_fused_topk_matches_float64(num_tokens, d_in, d_out, num_adapters, rank,
     check_fused_forward(*args, top_k, 1.0, "topk", outputs)
 
 
-@pytest.mark.parametrize("mode,num_tokens,top_k,temperature", [("soft", 3, 1, 1.0), ("soft", 37, 1, 5.0), ("topk_unnormalized", 6, 2, 1.0), ("topk_unnormalized", 35, 3, 2.0), ("topk", 4, 2, 15.0)])
+@pytest.mark.parametrize(
+    "mode,num_tokens,top_k,temperature",
+    [("soft", 3, 1, 1.0), ("soft", 37, 1, 5.0), ("topk_unnormalized", 6, 2, 1.0), ("topk_unnormalized", 35, 3, 2.0), ("topk", 4, 2, 15.0)],
+)
 def test_fused_other_modes_match_float64(mode, num_tokens, top_k, temperature, regime):
     args = make_inputs(num_tokens, 90, 50, 5, 6, torch.float32, seed=3)
     outputs = fused_moe_lora(*args, top_k, temperature, mode)
@@ -181,14 +184,82 @@ def test_fused_all_tokens_one_adapter():
     check_fused_forward(x, gate, lora_a, lora_b, scaling, 1, 1.0, "topk", outputs)
 
 
-def test_fused_accumulates_into_out(regime):
+def test_fused_adds_base_in_the_epilogue(regime):
+    """base (a strided view, as a slice of a wider output) added to delta; base itself left as it was."""
     x, gate, lora_a, lora_b, scaling = make_inputs(6, 64, 40, 4, 4, torch.float32, seed=6)
-    (base,) = dev(torch.randn(6, 40))
-    out = base.clone()
-    result, *_ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk", out=out)
+    (wide,) = dev(torch.randn(6, 56))
+    base = wide[:, 8:48]
+    kept = base.clone()
+    result, *_ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk", base=base)
     delta, *_ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk")
-    assert result.data_ptr() == out.data_ptr()
-    assert rel_err(out, base + delta) < 1e-6
+    assert torch.equal(base, kept) and result.data_ptr() != base.data_ptr()
+    assert rel_err(result, kept + delta) < 1e-6
+
+
+@pytest.mark.parametrize("num_adapters", [5, 7])
+def test_fused_nan_logits_pick_adapters_in_range(num_adapters, regime):
+    """NaN logits match no maximum; the chosen index must still be below N (N not a power of two)."""
+    x, gate, lora_a, lora_b, scaling = make_inputs(4, 32, 16, num_adapters, 4, torch.float32, seed=10)
+    x[1, 3] = float("nan")
+    _, logits, indices, _ = fused_moe_lora(x, gate, lora_a, lora_b, scaling, 2, 1.0, "topk")
+    assert torch.isnan(logits[1]).all()
+    assert int(indices.min()) >= 0 and int(indices.max()) < num_adapters
+
+
+def test_failed_first_launch_never_poisons_the_cache(monkeypatch):
+    """A first launch that yields no compiled kernel (as under a tracer) caches nothing; a later one that
+    does is cached and then launched directly."""
+    monkeypatch.setattr(fused, "INTERPRET", False)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Param:
+        def __init__(self, name, is_constexpr):
+            self.name, self.is_constexpr = name, is_constexpr
+
+    class Kernel:
+        def __init__(self, results):
+            self.results = results
+            self.params = [Param("a", False), Param("C", True)]
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                calls.append(("triton", args, meta))
+                return self.results.pop(0)
+
+            return launch
+
+    kernel = Kernel([None, Compiled()])
+    grid = lambda meta: (3,)
+    fused._launch(kernel, grid, ("k",), (1,), {"C": 2})
+    assert fused._COMPILED == {} and calls[-1][0] == "triton"
+    fused._launch(kernel, grid, ("k",), (1,), {"C": 2})
+    assert len(fused._COMPILED) == 1 and calls[-1][0] == "triton"
+    fused._launch(kernel, grid, ("k",), (5,), {"C": 2})
+    assert calls[-1] == ("direct", (3, 1, 1), (5, 2))
+
+
+@pytest.mark.parametrize("mode,top_k", [("topk", 2), ("soft", 1), ("topk_unnormalized", 2)])
+def test_kernels_and_dense_form_agree_with_a_gate_input(mode, top_k, regime):
+    """The operator's two implementations, forward and backward, with the gate reading another input."""
+    x, gate, lora_a, lora_b, scaling = make_inputs(7, 48, 40, 5, 4, torch.float32, seed=11)
+    gate_x, base, g_out, g_logits = dev(*(torch.randn(7, n, generator=torch.Generator().manual_seed(n)) for n in (48, 40, 40, 5)))
+    args = (x, gate_x, gate, lora_a, lora_b, scaling, base, top_k, 1.5, mode)
+    got, want = fused.fused_forward(*args), dense.dense_forward(*args)
+    for name, a, b in zip(("out", "logits", "indices", "weights", "hidden"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b) if name == "indices" else rel_err(a, b) < 1e-5, name
+    g_weights = dev(torch.randn(got[3].shape, generator=torch.Generator().manual_seed(12)))[0]
+    needs = [True] * 5
+    common = (x, gate_x, gate, lora_a, lora_b, scaling, got[4], got[1], got[2])
+    grads = fused.fused_backward(g_out, g_logits, g_weights, *common, top_k, 1.5, mode, needs)
+    expected = dense.dense_backward(g_out, g_logits, g_weights, *common, got[3], 1.5, mode, needs)
+    for name, a, b in zip(("x", "gate_x", "gate", "lora_a", "lora_b"), grads, expected):
+        assert rel_err(a, b) < 1e-5, name
 
 
 @pytest.mark.parametrize("mode,top_k", [("topk", 2), ("soft", 1), ("topk_unnormalized", 2)])
@@ -235,3 +306,51 @@ def test_kernels_available_and_argument_errors():
         fused_moe_lora(x, gate, lora_a, lora_b, scaling, 1, mode="dense")
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         fused_moe_lora(x.double(), gate.double(), lora_a.double(), lora_b.double(), scaling, 1)
+
+
+# ----------------------------------------------------------------------------- the operator on the device
+
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="the operator's CUDA implementation (tests/test_ops.py covers CPU)")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_on_the_device(dtype):
+    x, gate, lora_a, lora_b, scaling = make_inputs(6, 64, 40, 5, 4, dtype, seed=13)
+    (base,) = dev(torch.randn(6, 40).to(dtype))
+    for args in ((x, None, gate, lora_a, lora_b, scaling, None, 2, 1.0, "topk"),
+                 (x, x.flip(0), gate, lora_a, lora_b, scaling, base, 5, 2.0, "soft")):
+        args = tuple(a.clone().requires_grad_(i in (0, 2)) if isinstance(a, torch.Tensor) and i != 5 else a for i, a in enumerate(args))
+        checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+        torch.library.opcheck(torch.ops.meteora.moe_lora.default, args, test_utils=checks)
+
+
+@on_gpu
+def test_float64_through_every_strategy_on_the_device():
+    from meteora.ops import moe_lora
+
+    x, gate, lora_a, lora_b, scaling = make_inputs(9, 48, 24, 6, 4, torch.float64, seed=14)
+    expected, _ = moe_lora(x.cpu(), gate.cpu(), lora_a.cpu(), lora_b.cpu(), scaling.cpu(), 2, strategy="reference")
+    for strategy in ("reference", "loop", "bmm", "triton", "fused", "auto"):
+        delta, _ = moe_lora(x, gate, lora_a, lora_b, scaling, 2, strategy=strategy)
+        assert delta.dtype == torch.float64 and rel_err(delta.cpu(), expected) < 1e-12, strategy
+
+
+@on_gpu
+def test_compiled_fullgraph_on_the_device_matches_eager():
+    """torch.compile (inductor, fullgraph) of the operator on the GPU, forward and the gate's gradient."""
+    from meteora.ops import moe_lora
+
+    x, gate, lora_a, lora_b, scaling = make_inputs(12, 64, 48, 5, 4, torch.bfloat16, seed=15)
+    (base,) = dev(torch.randn(12, 48).bfloat16())
+
+    def step(gate_w):
+        out, routing = moe_lora(x, gate_w, lora_a, lora_b, scaling, 2, out=base)
+        return out, (out.float().square().mean() + torch.nn.functional.cross_entropy(routing.logits, routing.indices[:, 0]))
+
+    g1, g2 = gate.clone().requires_grad_(), gate.clone().requires_grad_()
+    out, loss = step(g1)
+    loss.backward()
+    c_out, c_loss = torch.compile(step, fullgraph=True)(g2)
+    c_loss.backward()
+    assert torch.equal(c_out, out) and rel_err(g2.grad, g1.grad) < 1e-3

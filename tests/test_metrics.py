@@ -61,8 +61,10 @@ def test_rouge_l_by_hand_and_against_rouge_score():
 def test_score_task_primary_scores():
     acc = score_task("exact_match", ["yes", "no", "Yes."], [["yes"], ["yes"], ["yes"]])
     assert acc["score"] == pytest.approx(200 / 3) and acc["n"] == 3
+    assert acc["per_example"] == [100.0, 0.0, 100.0]
     gen = score_task("generation", ["the cat sat on the mat"], [["the cat is on the mat"]])
     assert gen["score"] == gen["rouge_l"] == pytest.approx(500 / 6)
+    assert gen["per_example"] == [pytest.approx(500 / 6)]
     assert "bleu" in gen
     with pytest.raises(ValueError, match="unknown metric"):
         score_task("f1", ["a"], [["a"]])

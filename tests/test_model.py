@@ -84,14 +84,14 @@ def test_gates_train_alone_and_traces(base, adapter_dirs, input_ids):
     assert len(trace) == 14 and all(t.shape == (2, 9, 2) for t in trace.values())
     acc = meteora.routing_accuracy(task_ids, mask)
     assert 0.0 <= acc["overall"] <= 1.0 and sorted(acc["per_layer"]) == [0, 1]
-    # The gate loss is the cross-entropy of each gate against the sample's task id, summed over gates.
+    # The gate loss is the cross-entropy of each gate against the sample's task id, averaged over gates.
     expected = 0.0
     for layer in meteora.meteora_layers().values():
         logits = layer.last_routing.logits.detach()
         valid = mask.bool()
         targets = task_ids[:, None].expand(2, 9)[valid]
         expected += float(torch.nn.functional.cross_entropy(logits[valid], targets))
-    assert meteora.gate_loss(task_ids, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert meteora.gate_loss(task_ids, mask).item() == pytest.approx(expected / 14, rel=1e-5)
 
 
 def test_generate_and_bf16(base, adapter_dirs):
@@ -165,3 +165,128 @@ def test_errors_name_the_folder_and_module(base, adapter_dirs, tmp_path):
         attach_meteora(copy.deepcopy(base), [adapter_dirs[0], unknown])
     with pytest.raises(AdapterError, match="duplicate adapter name 'task_a'"):
         load_adapter_bank([adapter_dirs[0], adapter_dirs[0]])
+
+
+def test_gate_loss_is_one_cross_entropy_over_all_gates(base, adapter_dirs):
+    """The paper's objective: one cross-entropy over every gate's logits concatenated (all gates, all
+    non-padding tokens), i.e. the mean over gates and tokens; checked against a float64 loop."""
+    meteora = attach_meteora(copy.deepcopy(base), adapter_dirs, top_k=2)
+    with torch.no_grad():
+        for gate in meteora.gate_parameters():
+            gate.normal_(0, 2.0)
+    meteora.keep_routing(True)
+    input_ids = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(input_ids)
+    mask[0, :2] = 0
+    mask[2, :5] = 0
+    task_ids = torch.tensor([2, 0, 1])
+    meteora(input_ids, attention_mask=mask)
+    total, count, per_gate = 0.0, 0, {}
+    for name, layer in meteora.meteora_layers().items():
+        logits = layer.last_routing.logits.detach().double()
+        gate_total = 0.0
+        for b in range(3):
+            for t in range(7):
+                if mask[b, t]:
+                    gate_total -= float(torch.log_softmax(logits[b, t], -1)[task_ids[b]])
+        per_gate[name] = gate_total / int(mask.sum())
+        total, count = total + gate_total, count + int(mask.sum())
+    loss = meteora.gate_loss(task_ids, mask)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    got = meteora.gate_loss_per_gate(task_ids, mask)
+    assert got.keys() == per_gate.keys()
+    assert all(got[name].item() == pytest.approx(value, rel=1e-5) for name, value in per_gate.items())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in meteora.gate_parameters())
+
+
+def _gated_state(meteora):
+    return [(layer.forced_adapter, layer.forced_single) for layer in meteora.meteora_layers().values()]
+
+
+def test_contexts_nest_and_restore_what_they_found(base, adapter_dirs, input_ids):
+    meteora = attach_meteora(copy.deepcopy(base), adapter_dirs, top_k=2).eval()
+    with torch.no_grad():
+        for gate in meteora.gate_parameters():
+            gate.normal_()
+        gated = meteora(input_ids).logits
+        with meteora.single_adapter(1):
+            single = meteora(input_ids).logits
+            with meteora.oracle(2):
+                oracle = meteora(input_ids).logits
+                with meteora.single_adapter(0):
+                    meteora(input_ids)
+                assert torch.equal(meteora(input_ids).logits, oracle)
+            assert torch.equal(meteora(input_ids).logits, single)
+        assert torch.equal(meteora(input_ids).logits, gated)
+        with pytest.raises(RuntimeError, match="inside"), meteora.oracle(0):
+            raise RuntimeError("inside")
+    assert _gated_state(meteora) == [(None, False)] * 14
+    assert not torch.allclose(single, oracle, atol=1e-3) and not torch.allclose(single, gated, atol=1e-3)
+
+
+def test_a_second_attach_is_refused(base, adapter_dirs):
+    model = copy.deepcopy(base)
+    meteora = attach_meteora(model, adapter_dirs[:2])
+    for target in (model, meteora):
+        with pytest.raises(ValueError, match=r"already has MeteoRA attached \(14 layers"):
+            attach_meteora(target, adapter_dirs)
+    assert meteora.adapter_names == ["task_a", "task_b"] and len(meteora.meteora_layers()) == 14
+
+
+def _copy_adapter(source, target, config_change=None, state_change=None):
+    target.mkdir()
+    config = json.loads((source / "adapter_config.json").read_text())
+    if config_change:
+        config_change(config)
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    state = load_file(str(source / "adapter_model.safetensors"))
+    if state_change:
+        state_change(state)
+    save_file(state, str(target / "adapter_model.safetensors"))
+    return target
+
+
+Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_broken_adapter_folders_are_named(base, adapter_dirs, tmp_path):
+    source = adapter_dirs[0]
+    bad_json = _copy_adapter(source, tmp_path / "bad_json")
+    (bad_json / "adapter_config.json").write_text("{r: 4")
+    with pytest.raises(AdapterError, match=r"bad_json: adapter_config\.json is not valid JSON"):
+        load_adapter_bank([bad_json])
+    a_only = _copy_adapter(source, tmp_path / "a_only", state_change=lambda s: s.pop(Q0_A.replace("lora_A", "lora_B")))
+    with pytest.raises(AdapterError, match=r"a_only, module model\.layers\.0\.self_attn\.q_proj: has lora_A but not both"):
+        load_adapter_bank([a_only])
+    extra = _copy_adapter(source, tmp_path / "extra",
+                          state_change=lambda s: s.__setitem__("base_model.model.lm_head.weight", torch.randn(2, 2)))
+    with pytest.raises(AdapterError, match=r"extra: unsupported tensor 'base_model\.model\.lm_head\.weight'"):
+        load_adapter_bank([extra])
+    dora = _copy_adapter(source, tmp_path / "dora", config_change=lambda c: c.update(use_dora=True))
+    with pytest.raises(AdapterError, match="dora: DoRA adapters are not supported"):
+        load_adapter_bank([dora])
+    ia3 = _copy_adapter(source, tmp_path / "ia3", config_change=lambda c: c.update(peft_type="IA3"))
+    with pytest.raises(AdapterError, match="ia3: peft_type is 'IA3'"):
+        load_adapter_bank([ia3])
+
+
+def test_adapter_rank_other_than_its_config_is_named(base, adapter_dirs, tmp_path):
+    """The scaling is alpha / r with PEFT's r from the config: weights of another rank would be scaled wrongly."""
+    wrong_r = _copy_adapter(adapter_dirs[0], tmp_path / "wrong_r", config_change=lambda c: c.update(r=8))
+    with pytest.raises(AdapterError, match=r"wrong_r.*adapter_model\.safetensors, module model\.layers\.0\..*rank 4.*r = 8"):
+        load_adapter_bank([wrong_r])
+    pattern = _copy_adapter(adapter_dirs[0], tmp_path / "pattern", config_change=lambda c: c.update(r=8, rank_pattern=dict.fromkeys(
+                               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 4)))
+    assert load_adapter_bank([pattern]).names == ["pattern"]  # rank_pattern gives every module its own r
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_named(base, adapter_dirs, tmp_path, value):
+    def poison(state):
+        state[Q0_A][1, 2] = value
+
+    bad = _copy_adapter(adapter_dirs[1], tmp_path / "bad", state_change=poison)
+    with pytest.raises(AdapterError,
+                       match=r"bad.*adapter_model\.safetensors, module model\.layers\.0\.self_attn\.q_proj: lora_A has 1 non-finite"):
+        attach_meteora(copy.deepcopy(base), [adapter_dirs[0], bad])

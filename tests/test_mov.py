@@ -371,8 +371,137 @@ def test_mov_report_writes_the_table_and_figures(tmp_path):
                           {"module": "model.layers.1.mlp.down_proj", "per_task": {"t1": [0.3, 0.7], "t2": [0.6, 0.4]}}),
                     entry("mov2_top1", {"kind": "ia3", "num_experts": 2, "routing": "top1"}, 47.0)],
     }
+    results["methods"][2]["routing"]["per_block"] = {"blocks": [0, 1], "modules": ["down_proj"], "load": [[0.5, 0.5], [0.9, 0.1]],
+                                                     "top1": [[0.5, 0.5], [1.0, 0.0]], "entropy": [0.69, 0.3]}
+    results["comparisons"] = [{"a": "mov2", "b": "ia3", "label": "MoV-2 - (IA)3", "estimate": 5.0, "low": 1.0, "high": 9.0,
+                               "excludes_zero": True}]
+    results["methods"][2]["heldout_interval"] = {"estimate": 50.0, "low": 40.0, "high": 60.0, "level": 0.95}
     paths = write_mov_report(results, tmp_path / "tables", tmp_path / "figures", tag="x")
-    assert [p.name for p in paths] == ["mov_table1_x.md", "mov_experts_x.png", "mov_routing_x.png", "mov_specialisation_x.png"]
+    assert [p.name for p in paths] == ["mov_table1_x.md", "mov_experts_x.png", "mov_routing_x.png", "mov_specialisation_x.png",
+                                       "mov_blocks_x.png"]
     table = paths[0].read_text()
-    assert "| MoV-2 | 0.10 | 10 | 50.00 | 50.00 | 1 / 1 | 50.00 | — |" in table and "(uniform guess)" in table
+    assert "| MoV-2 | 0.10 | 10 | 50.0 [40.0, 60.0] | 50.00 | 1 / 1 | 50.00 | — |" in table and "(uniform guess)" in table
+    assert "| MoV-2 - (IA)3 | 5.00 | 1.00 | 9.00 | yes |" in table
+    assert "| MoV-2 | 2 | 0.99545 |" in table or "| MoV-2 | 2 |" in table
     assert all(p.stat().st_size > 1000 for p in paths[1:])
+
+
+# ---------------------------------------------------------------- batched scoring, router losses, statistics
+
+
+@pytest.mark.parametrize("router_input", ["token", "sentence"])
+def test_batched_rank_classification_matches_the_shared_prompt_cache(router_input):
+    from stages.mov import batched_loglikelihoods, choice_loglikelihoods
+
+    model = apply_method(tiny_llama(), MixtureConfig(kind="lora", num_experts=3, rank=2, router_input=router_input))
+    randomize([p for n, p in model.named_parameters() if n.endswith("lora_b")], scale=0.3)
+    tok = CharTokenizer()
+    records = [{"input": "which one?", "choices": ["ab", "c", "defg"]}, {"input": "no", "choices": ["yes", "x"]},
+               {"input": "a longer prompt here", "choices": ["q", "rs"]}]
+    batched = batched_loglikelihoods(model, tok, records, max_prompt_tokens=12, batch_tokens=40)
+    for record, got in zip(records, batched):
+        expected = choice_loglikelihoods(model, tok, record["input"], record["choices"], max_prompt_tokens=12)
+        assert [n for _, n in got] == [n for _, n in expected]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+
+
+def test_router_losses_values_and_gradients():
+    from meteora.router_input import RouterLoss, load_balancing_loss, router_z_loss
+
+    logits = torch.randn(3, 5, 4, dtype=torch.float64)
+    assert router_z_loss(logits).item() == pytest.approx(torch.logsumexp(logits, -1).pow(2).mean().item(), rel=1e-6)
+    assert load_balancing_loss(torch.eye(4) * 50).item() == pytest.approx(1.0, abs=1e-6)  # one token per expert
+    assert load_balancing_loss(torch.zeros(6, 4).index_fill(1, torch.tensor([2]), 50.0)).item() == pytest.approx(4.0, abs=1e-6)
+    torch.manual_seed(5)
+    base = nn.Linear(6, 6)
+    x = torch.randn(2, 7, 6)
+    plain = MoVLinear(base, "output", num_experts=4).train()
+    regularised = copy.deepcopy(plain)
+    regularised.router_loss = RouterLoss(z_loss=0.1, balance=0.2)
+    out = regularised(x)
+    torch.testing.assert_close(out, plain(x), rtol=0, atol=0)  # the forward value is unchanged
+    out.square().sum().backward()
+    logits = plain.router(base(x))
+    (plain.mix(base(x)).square().sum() + RouterLoss(z_loss=0.1, balance=0.2).value(logits)).backward()
+    torch.testing.assert_close(regularised.router.weight.grad, plain.router.weight.grad)
+    assert regularised.router_loss.last.item() > 0
+
+
+def test_molora_sentence_routing_and_router_options():
+    torch.manual_seed(6)
+    base = tiny_llama()
+    config = MixtureConfig(kind="lora", num_experts=3, rank=2, router_input="sentence", router_init_scale=0.5,
+                           router_z_loss=1e-2)
+    model = apply_method(copy.deepcopy(base), config)
+    fresh = apply_method(copy.deepcopy(base), MixtureConfig(kind="lora", num_experts=3, rank=2, router_input="sentence"))
+    layer = next(m for m in model.modules() if isinstance(m, MoLoRALinear))
+    ref = next(m for m in fresh.modules() if isinstance(m, MoLoRALinear))
+    assert layer.gate.weight.abs().max() <= 0.5 * (1 / 32 ** 0.5) + 1e-6 and ref.gate.weight.abs().max() > layer.gate.weight.abs().max()
+    randomize([layer.lora_b], scale=0.3)
+    context = SequenceContext()
+    layer.sentence_mean.context = context
+    x = torch.randn(2, 5, layer.base.in_features)
+    mean = torch.cumsum(x, 1) / torch.arange(1, 6)[None, :, None]
+    delta, _ = moe_lora(x, layer.gate.weight, layer.lora_a, layer.lora_b, layer.scaling, 3, mode="soft", strategy="reference",
+                        gate_input=mean)
+    torch.testing.assert_close(layer.eval()(x), layer.base(x) + delta, rtol=1e-5, atol=1e-6)
+    assert "router init x0.5" in config.label and "z-loss 0.01" in config.label
+
+
+def test_full_fine_tuning_trains_every_weight():
+    model = apply_method(tiny_llama(), MixtureConfig(kind="full"))
+    assert count_trainable(model)["percent"] == 100.0
+    assert MixtureConfig(kind="full").label == "Full fine-tuning"
+    with pytest.raises(ValueError, match="no experts"):
+        MixtureConfig(kind="full", num_experts=2)
+
+
+def test_routing_recorder_per_block_load_and_entropy():
+    from stages.mov import RoutingRecorder, routed_layers
+
+    model = apply_method(tiny_llama(), MixtureConfig(kind="ia3", num_experts=3))
+    layers = routed_layers(model)
+    recorder = RoutingRecorder(model, layers)
+    ids, mask = tokens(2, 6), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    name = "model.layers.1.mlp.down_proj"
+    layer = layers[name]
+    seen = {}
+
+    def keep(module, args, output) -> None:
+        seen.setdefault("logits", module.last_routing.logits)
+
+    layer.register_forward_hook(keep)
+    with recorder.recording("t"):
+        logits(model, ids, mask)
+    result = recorder.result(name)
+    probs = torch.softmax(seen["logits"].float(), -1)[mask.bool()]
+    torch.testing.assert_close(torch.tensor(result["per_task"]["t"]), probs.mean(0))
+    assert result["per_block"]["blocks"] == [0, 1]
+    for load, entropy in zip(result["per_block"]["load"], result["per_block"]["entropy"]):
+        assert sum(load) == pytest.approx(1.0, abs=1e-5) and 0 <= entropy <= torch.log(torch.tensor(3.0)).item() + 1e-6
+
+
+def test_baselines_comparisons_and_merge(tmp_path):
+    from stages.common import read_json, write_json
+    from stages.mov import choice_baselines, comparisons, merge
+
+    records = [{"task": "t", "choices": ["a", "b"], "targets": [g]} for g in "aab"] + \
+              [{"task": "t", "choices": ["b", "a"], "targets": ["a"]}]
+    assert choice_baselines(records) == {"chance": 50.0, "majority": 75.0, "majority_position": 50.0}
+    varied = [{"task": "t", "choices": [f"x{i}", f"y{i}", f"z{i}"], "targets": [f"y{i}"]} for i in range(4)]
+    assert choice_baselines(varied) == {"chance": pytest.approx(100 / 3), "majority": None, "majority_position": 100.0}
+    gen = torch.Generator().manual_seed(7)
+
+    def method(name, p):
+        scores = (100.0 * (torch.rand(60, generator=gen) < p)).tolist()
+        return {"name": name, "label": name.upper(), "heldout": {"t": {"score": sum(scores) / 60, "per_example": scores}}}
+
+    methods = [method("a", 0.9), method("b", 0.2)]
+    (diff,) = comparisons(methods, [["a", "b"], ["a", "missing"]])
+    assert diff["excludes_zero"] and diff["low"] <= diff["estimate"] <= diff["high"]
+    assert diff["estimate"] == pytest.approx(methods[0]["heldout"]["t"]["score"] - methods[1]["heldout"]["t"]["score"])
+    common = {"heldout_tasks": ["t"], "train": {"steps": 1}, "method_order": ["base", "a", "b"], "comparison_pairs": [["a", "b"]]}
+    write_json(tmp_path / "1.json", {**common, "methods": [methods[1]], "run": {"device": "x"}})
+    write_json(tmp_path / "2.json", {**common, "methods": [methods[0]], "run": {"device": "y"}})
+    merged = read_json(merge(tmp_path / "m.json", [tmp_path / "1.json", tmp_path / "2.json"]))
+    assert [m["name"] for m in merged["methods"]] == ["a", "b"] and merged["comparisons"][0]["estimate"] == diff["estimate"]

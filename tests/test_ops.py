@@ -162,10 +162,12 @@ def test_bad_shapes_and_settings_are_named():
 
 
 def test_mix_adapters_with_given_routing():
-    x, gate, lora_a, lora_b, scaling = make_inputs(4, [4], 10, 7, (6,), 7, torch.float64)
+    x, _, lora_a, lora_b, scaling = make_inputs(4, [4], 10, 7, (6,), 7, torch.float64)
     idx = torch.tensor(list(itertools.islice(itertools.cycle([[0, 3], [2, 1]]), 6)))
     w = torch.rand(6, 2, dtype=torch.float64)
-    expected = torch.stack([sum(w[t, j] * scaling[i] * lora_b[i] @ lora_a[i] @ x[t] for j, i in enumerate(idx[t].tolist())) for t in range(6)])
+    expected = torch.stack(
+        [sum(w[t, j] * scaling[i] * lora_b[i] @ lora_a[i] @ x[t] for j, i in enumerate(idx[t].tolist())) for t in range(6)]
+    )
     for strategy in ["reference", "loop", "bmm", "fused"]:
         assert torch.allclose(mix_adapters(x, idx, w, lora_a, lora_b, scaling, strategy), expected)
 
@@ -178,3 +180,124 @@ def test_triton_strategy_through_the_op(case):
     expected, _, _ = float64_oracle(x, gate, lora_a, lora_b, scaling, top_k, temperature)
     delta, _ = moe_lora(x, gate, lora_a, lora_b, scaling, top_k, temperature, "triton")
     assert rel_err(delta, expected) < 1e-5
+
+
+def op_samples(dtype, n=5, d_in=12, d_out=10, tokens=6):
+    """Arguments of torch.ops.meteora.moe_lora: every routing mode, a sentence gate input, a base output."""
+    x, gate, lora_a, lora_b, scaling = make_inputs(n, [2, 3], d_in, d_out, (tokens,), 20, dtype)
+    scaling = scaling.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    gen = torch.Generator().manual_seed(21)
+    gate_x, base = torch.randn(tokens, d_in, generator=gen).to(dtype), torch.randn(tokens, d_out, generator=gen).to(dtype)
+    yield (x, None, gate, lora_a, lora_b, scaling, None, 2, 1.0, "topk")
+    yield (x, gate_x, gate, lora_a, lora_b, scaling, base, n, 2.0, "soft")
+    yield (x, None, gate, lora_a, lora_b, scaling, base, n - 1, 0.5, "topk_unnormalized")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_registered_op(dtype):
+    """Schema, fake implementation, autograd registration and tracing of the operator (torch.library.opcheck)."""
+    for args in op_samples(dtype):
+        args = [a.clone().requires_grad_(i in (0, 2, 3, 4, 6)) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+        torch.library.opcheck(torch.ops.meteora.moe_lora.default, tuple(args))
+
+
+def test_op_gradients_match_float64_autograd():
+    """The registered autograd formula (every input and every differentiable output) against autograd through
+    the float64 reference, for each routing mode."""
+    for args in op_samples(torch.float64, n=4, d_in=5, d_out=4, tokens=3):
+        x, gate_x, gate, lora_a, lora_b, scaling, base, top_k, temperature, mode = args
+        tensors = [t for t in (x, gate_x, gate, lora_a, lora_b, base) if t is not None]
+
+        def f(*ts, gate_x=gate_x, base=base, scaling=scaling, top_k=top_k, temperature=temperature, mode=mode):
+            it = iter(ts)
+            x_, gx_, g_, a_, b_ = next(it), next(it) if gate_x is not None else None, next(it), next(it), next(it)
+            base_ = next(it) if base is not None else None
+            out, logits, _, weights, _ = torch.ops.meteora.moe_lora(x_, gx_, g_, a_, b_, scaling, base_, top_k, temperature, mode)
+            return out, logits, weights
+
+        assert torch.autograd.gradcheck(f, tuple(t.clone().requires_grad_() for t in tensors), eps=1e-6, atol=1e-6)
+
+
+ALL_STRATEGIES = ["reference", "loop", "bmm", "triton", "fused", "auto"]  # triton via TRITON_INTERPRET=1 (conftest)
+
+
+def test_float64_through_every_strategy():
+    """float64 stays float64 in every strategy (the Triton kernels take no float64: the dispatch falls back)."""
+    x, gate, lora_a, lora_b, scaling = make_inputs(6, [4, 8], 16, 12, (2, 4), 30, torch.float64)
+    expected, _, margins = float64_oracle(x, gate, lora_a, lora_b, scaling, 2, 1.0)
+    assert (margins > 1e-9).all()
+    for strategy in ALL_STRATEGIES:
+        for tokens in (x[:1, :1], x):  # one token and several
+            delta, routing = moe_lora(tokens, gate, lora_a, lora_b, scaling, 2, strategy=strategy)
+            assert delta.dtype == torch.float64 and routing.weights.dtype == torch.float64, strategy
+            assert rel_err(delta, expected[: tokens.shape[0], : tokens.shape[1]]) < 1e-12, strategy
+
+
+@pytest.mark.parametrize("leading", [(0,), (2, 0)])
+def test_zero_tokens_give_empty_results_on_every_strategy(leading):
+    x, gate, lora_a, lora_b, scaling = make_inputs(4, [4], 8, 6, leading, 31, torch.float32)
+    base = torch.randn(*leading, 6)
+    for strategy in ALL_STRATEGIES:
+        for mode, top_k in (("topk", 2), ("soft", 4)):
+            delta, routing = moe_lora(x, gate, lora_a, lora_b, scaling, top_k, strategy=strategy, mode=mode)
+            assert delta.shape == (*leading, 6) and routing.indices.shape == (*leading, top_k), strategy
+            out, _ = moe_lora(x, gate, lora_a, lora_b, scaling, top_k, strategy=strategy, mode=mode, out=base)
+            assert out.shape == (*leading, 6), strategy
+        idx, w = torch.zeros(*leading, 2, dtype=torch.long), torch.ones(*leading, 2)
+        assert mix_adapters(x, idx, w, lora_a, lora_b, scaling, strategy).shape == (*leading, 6)
+
+
+def test_bad_dtypes_and_top_k_are_named():
+    x, gate, lora_a, lora_b, scaling = make_inputs(3, [4], 8, 6, (5,), 32, torch.float32)
+    with pytest.raises(TypeError, match=r"x .*torch\.int64"):
+        moe_lora(torch.randint(0, 5, (5, 8)), gate, lora_a, lora_b, scaling, 1)
+    with pytest.raises(TypeError, match=r"x .*torch\.int32"):
+        mix_adapters(x.int(), torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1), lora_a, lora_b, scaling)
+    with pytest.raises(TypeError, match="lora_a"):
+        moe_lora(x, gate, lora_a.long(), lora_b, scaling, 1)
+    with pytest.raises(TypeError, match="top_k"):
+        moe_lora(x, gate, lora_a, lora_b, scaling, 1.5)
+    with pytest.raises(ValueError, match="out"):
+        moe_lora(x, gate, lora_a, lora_b, scaling, 1, out=torch.zeros(5, 7))
+
+
+def test_layer_checks_at_construction():
+    from torch import nn
+
+    from meteora import MeteoRALinear
+
+    _, _, lora_a, lora_b, scaling = make_inputs(3, [4], 8, 6, (1,), 33, torch.float32)
+    base = nn.Linear(8, 6)
+    with pytest.raises(TypeError, match="top_k"):
+        MeteoRALinear(base, lora_a, lora_b, scaling, top_k=1.5)
+    with pytest.raises(ValueError, match="strategy"):
+        MeteoRALinear(base, lora_a, lora_b, scaling, strategy="magic")
+    with pytest.raises(TypeError, match="lora_b"):
+        MeteoRALinear(base, lora_a, lora_b.int(), scaling)
+    layer = MeteoRALinear(base, lora_a, lora_b, scaling)
+    # B is stored once, as the (N r, d_out) matrix the operator multiplies by; lora_b is a view of it.
+    assert torch.equal(layer.lora_b, lora_b)
+    assert layer.lora_b.permute(0, 2, 1).reshape(-1, 6).data_ptr() == layer.lora_b.data_ptr()
+
+
+def test_auto_dispatch_table():
+    from meteora.ops import AUTO_TABLE, STRATEGIES, AutoRule, auto_strategy, resolve_strategy
+
+    assert all(rule.strategy in STRATEGIES and rule.strategy != "auto" for rule in AUTO_TABLE)
+    expected = {("cpu", False, 1): "fused", ("cpu", True, 1): "fused", ("cpu", False, 0): "fused", ("cpu", False, 2): "fused",
+                ("cpu", False, 4096): "fused", ("cuda", False, 1): "fused", ("cuda", True, 8192): "fused", ("mps", False, 1): "fused"}
+    for device, dtype, grad, tokens in itertools.product(
+        ("cpu", "cuda", "mps"), (torch.float32, torch.bfloat16, torch.float16, torch.float64), (False, True), (0, 1, 2, 16, 4096, 8192)
+    ):
+        strategy = auto_strategy(device, dtype, grad, tokens)
+        assert strategy in STRATEGIES and strategy != "auto"
+        if (device, grad, tokens) in expected:
+            assert strategy == expected[device, grad, tokens], (device, dtype, grad, tokens)
+    assert resolve_strategy("auto", torch.zeros(1, 1, 8)) == "fused"
+    assert resolve_strategy("auto", torch.zeros(3, 8), grad=True) == "fused"
+    assert resolve_strategy("loop", torch.zeros(1, 8)) == "loop"
+    table = (AutoRule("cpu", (torch.float64,), None, 0, 10, "reference"), AutoRule("cpu", None, None, 0, None, "loop"))
+    assert auto_strategy("cpu", torch.float64, False, 10, table) == "reference"
+    assert auto_strategy("cpu", torch.float64, False, 11, table) == "loop"
+    with pytest.raises(LookupError, match="cuda"):
+        auto_strategy("cuda", torch.float32, False, 1, table)

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TASKS = ["fixture_choice", "fixture_count", "fixture_generate"]
-FIRST_HALF = ["prepare_model", "build_datasets", "adapters", "lora_b"]
+FIRST_HALF = ["prepare_model", "build_datasets", "adapters", "score_adapters", "lora_b"]
 
 # Hydra overrides composing the test profile's params.yaml: tiny model, fixture tasks, few steps.
 TINY_OVERRIDES = [
@@ -65,10 +65,11 @@ def tiny_project(tmp_path_factory) -> Path:
     """A copy of the project (code, conf, dvc.yaml, DVC config, fixture) as its own git + DVC repo."""
     project = tmp_path_factory.mktemp("project")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("src", "conf", ".dvc"):
+    for folder in ("src", "conf", ".dvc", "benchmarks"):
         shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns(
             "__pycache__", "*.pyc", "tmp", "cache", "config.local"))
-    shutil.copytree(ROOT / "tests" / "fixtures" / "bigbench", project / "tests" / "fixtures" / "bigbench", ignore=ignore)
+    fixture = Path("tests") / "fixtures" / "bigbench"
+    shutil.copytree(ROOT / fixture, project / fixture, ignore=ignore)
     for file in ("dvc.yaml", ".dvcignore"):
         shutil.copy2(ROOT / file, project / file)
     run(project, "git", "init", "-q")
@@ -78,7 +79,7 @@ def tiny_project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def first_half(tiny_project) -> Path:
-    """The project copy after `dvc repro` of prepare_model, build_datasets, adapters, lora_b."""
+    """The project copy after `dvc repro` of prepare_model, build_datasets, adapters, score_adapters, lora_b."""
     repro(tiny_project, *FIRST_HALF)
     return tiny_project
 
@@ -92,9 +93,10 @@ def test_first_half_outputs(first_half):
     for task in TASKS:
         for split in ("train", "test"):
             assert (project / "data" / "tasks" / task / f"{split}.jsonl").stat().st_size > 0
-        report = json.loads((project / "reports" / "adapters" / f"{task}.json").read_text())
-        assert report["source"] == "train" and report["train"]["steps"] == 4
-        assert {"base", "adapter"} <= set(report) and report["eval_examples"] == 2
+        trained = json.loads((project / "reports" / "adapters" / "train" / f"{task}.json").read_text())
+        assert trained["source"] == "train" and trained["train"]["steps"] == 4
+        scores = json.loads((project / "reports" / "adapters" / f"{task}.json").read_text())
+        assert {"base", "adapter"} <= set(scores) and scores["eval_examples"] == 2
     assert (project / "data" / "composite" / "composite-3.jsonl").stat().st_size > 0
     bank = load_adapter_bank({t: project / "artifacts" / "adapters" / t for t in TASKS})
     assert bank.names == TASKS and len(bank.modules) == 2 * 7
@@ -123,9 +125,9 @@ def test_changing_one_task_reruns_only_its_adapter(first_half):
         repro(project, "build_datasets")
 
 
-# --- the second half: train_gates, evaluate, report (issue 4) ------------------------------------------
+# --- the second half: train_gates, baselines, evaluate, report ------------------------------------------
 
-SECOND_HALF = ["train_gates", "evaluate", "report"]
+SECOND_HALF = ["train_gates", "baselines", "evaluate", "report"]
 # Settings that keep gate training and evaluation fast on the tiny profile (a learnable routing task:
 # the fixture tasks' prompts differ in their words, so the gates' cross-entropy must fall).
 SECOND_HALF_OVERRIDES = [
@@ -133,12 +135,28 @@ SECOND_HALF_OVERRIDES = [
     "gate.checkpoint_every=8", "eval.max_test_per_task=2", "eval.batch_size=4", "eval.max_new_tokens.exact_match=3",
     "eval.max_new_tokens.contains=3", "eval.max_new_tokens.generation=4", "eval.composite.max_samples=1",
     "eval.composite.max_new_tokens_per_task=3",
+    # report reads reports/mov/: a two-method MoV run that takes about 20 s on the tiny profile
+    "method.run=[base,mov5]", "method.train.steps=2", "method.eval.max_test_per_task=2",
+    "method.eval.max_test_train_tasks=1",
 ]
+
+
+def committed(project: Path) -> Path:
+    """The tiny project with its Makefile, committed to its git repository (DVC experiments need a commit);
+    idempotent, so that every test that runs experiments can call it in any order."""
+    if run(project, "git", "rev-parse", "--verify", "HEAD", check=False).returncode == 0:
+        return project
+    for file in ("Makefile", "pyproject.toml"):
+        shutil.copy2(ROOT / file, project / file)
+    (project / ".setup-stamp").touch()  # the copy uses this checkout's virtualenv (VENV= below)
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny project")
+    return project
 
 
 @pytest.fixture(scope="session")
 def second_half(first_half) -> Path:
-    """The project copy after `dvc repro report` (train_gates, evaluate and the benchmark it needs)."""
+    """The project copy after `dvc repro report` (train_gates, baselines, evaluate, benchmark and mov)."""
     compose_params(first_half, *SECOND_HALF_OVERRIDES)
     repro(first_half, "report")
     return first_half
@@ -150,7 +168,7 @@ def test_second_half_outputs(second_half):
     assert manifest["adapters"] == TASKS and manifest["top_k"] == 2
     history = json.loads((project / "reports" / "plots" / "train_gates_history.json").read_text())
     assert [h["step"] for h in history] == [4, 8, 12, 16, 20, 24]
-    assert history[-1]["gate_loss_per_gate"] < history[0]["gate_loss_per_gate"]
+    assert history[-1]["gate_loss"] < history[0]["gate_loss"]
     results = json.loads((project / "reports" / "eval" / "results.json").read_text())
     methods = ["base", "oracle", "lora_b", "meteora_top1", "meteora_top2"]
     assert results["methods"] == methods and results["profile"]["tasks"] == TASKS
@@ -171,21 +189,44 @@ def test_second_half_outputs(second_half):
     assert "up to date" in run(project, str(VENV_BIN / "dvc"), "status", *SECOND_HALF).stdout.lower()
 
 
-def test_sweeps_queue_and_adapter_count(second_half):
-    """`dvc exp run --queue -S gate.top_k=1,2,3` queues one experiment per value; an adapter-count run
-    (`gate.num_adapters=2`) trains and evaluates MeteoRA over the first two tasks only."""
-    project = second_half
-    dvc = str(VENV_BIN / "dvc")
-    run(project, "git", "add", "-A")
-    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tiny project")
-    settings = [f"-S{o}" for o in (*TINY_OVERRIDES, *SECOND_HALF_OVERRIDES)]
+def test_documented_sweep_runs_two_queue_workers_into_one_mlflow_store(second_half):
+    """`make sweep-topk` as the README types it, with the virtualenv not on PATH (the Makefile puts it
+    there: the queue's workers start `dvc` by name), on two queue workers at once: both experiments
+    succeed, and both runs of train_gates and evaluate are in the project's one MLflow sqlite store."""
+    import mlflow
+
+    project = committed(second_half)
+    settings = " ".join((*TINY_OVERRIDES, *SECOND_HALF_OVERRIDES))
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(project)), "PYTHONPATH": str(project / "src"),
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    command = ["make", "sweep-topk", "TOP_K=1,3", "JOBS=2", f"VENV={VENV_BIN.parent}", f"SET={settings}"]
     try:
-        run(project, dvc, "exp", "run", "--queue", *settings, "-Sgate.top_k=1,2,3")
-        queued = run(project, dvc, "queue", "status").stdout
-        assert queued.count("Queued") == 3, queued
+        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     finally:
-        run(project, dvc, "queue", "remove", "--all", check=False)
-    run(project, dvc, "exp", "run", "-n", "two-adapters", *settings, "-Sgate.num_adapters=2")
+        run(project, str(VENV_BIN / "dvc"), "queue", "stop", check=False)
+    experiments = json.loads(run(project, str(VENV_BIN / "dvc"), "exp", "show", "--json").stdout)
+    names = {exp["name"]: exp for baseline in experiments for exp in baseline.get("experiments") or []
+             for exp in exp.get("revs", [])}
+    top_ks = sorted(exp["data"]["params"]["params.yaml"]["data"]["meteora"]["top_k"] for exp in names.values())
+    assert top_ks == [1, 3], names.keys()
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["meteora"], output_format="list")
+    for stage in ("train_gates", "evaluate"):
+        swept = {r.data.tags["dvc_exp"] for r in runs if r.data.tags.get("stage") == stage
+                 and r.data.tags.get("dvc_exp") in names and r.info.status == "FINISHED"}
+        assert swept == set(names), (stage, swept, set(names))
+    for name in names:
+        logs = run(project, str(VENV_BIN / "dvc"), "queue", "logs", name).stdout
+        assert "database is locked" not in logs and "OperationalError" not in logs, logs[-4000:]
+
+
+def test_adapter_count_experiment(second_half):
+    """An adapter-count run (`meteora.num_adapters=2`) trains and evaluates MeteoRA over the first two tasks."""
+    project = committed(second_half)
+    dvc = str(VENV_BIN / "dvc")
+    settings = [f"-S{o}" for o in (*TINY_OVERRIDES, *SECOND_HALF_OVERRIDES)]
+    run(project, dvc, "exp", "run", "-n", "two-adapters", *settings, "-Smeteora.num_adapters=2")
     results = json.loads((project / "reports" / "eval" / "results.json").read_text())
     assert results["profile"]["tasks"] == TASKS[:2] and results["composite"] == {}
     manifest = json.loads((project / "artifacts" / "gates" / "manifest.json").read_text())

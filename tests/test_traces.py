@@ -1,18 +1,20 @@
 """Routing traces of generated numbered answers: sub-answer boundaries and per-segment accuracy, and the
 recorder's prompt accuracy against a hand count on a tiny MeteoRA model."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
 from helpers import save_peft_adapter, tiny_llama
 from meteora import attach_meteora
-from stages.traces import RoutingRecorder, answer_trace, item_starts
+from stages.traces import Top1RoutingRecorder, answer_trace, item_starts
 
 
 class PieceTokenizer:
     """Token id i decodes to PIECES[i] (concatenated); 0 is EOS and padding."""
 
-    PIECES = ["</s>", "1", ".", " yes", "\n", "2", " no", "3", " maybe", ".5"]
+    PIECES: ClassVar[list[str]] = ["</s>", "1", ".", " yes", "\n", "2", " no", "3", " maybe", ".5"]
     eos_token_id = pad_token_id = 0
 
     def decode(self, ids, skip_special_tokens=True):
@@ -58,7 +60,7 @@ def test_recorder_counts_prompt_tokens_routed_to_their_label(tmp_path):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding of the first prompt
     labels = [2, 0, None]
-    with RoutingRecorder(model, labels) as recorder:
+    with Top1RoutingRecorder(model, labels) as recorder:
         recorder.set_rows([0, 1, 2])
         model(input_ids=ids, attention_mask=mask)
         model(input_ids=ids[:, :1], attention_mask=torch.ones(3, 8, dtype=torch.long))  # one decode step

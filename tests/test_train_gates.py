@@ -66,8 +66,8 @@ def test_batch_schedule_is_seeded_and_balanced():
 def test_gate_loss_falls_and_routing_is_learned(adapter_dirs, tmp_path):
     trainer = make_trainer(adapter_dirs, tmp_path, steps=40, lr=0.1, checkpoint_every=100)
     history = trainer.fit()
-    first = np.mean([h["gate_loss_per_gate"] for h in history[:3]])
-    last = np.mean([h["gate_loss_per_gate"] for h in history[-5:]])
+    first = np.mean([h["gate_loss"] for h in history[:3]])
+    last = np.mean([h["gate_loss"] for h in history[-5:]])
     assert first > math.log(NUM_TASKS) * 0.8 and last < 0.5 * first
     assert np.mean([h["routing_accuracy"] for h in history[-5:]]) > 0.85
     assert all(math.isfinite(h["lm_loss"]) for h in history)
@@ -116,11 +116,20 @@ def test_resume_after_interruption_gives_the_same_gates(adapter_dirs, tmp_path):
     assert [h["step"] for h in resumed.history] == list(range(1, 9))
 
 
-def test_checkpoint_of_another_configuration_is_ignored(adapter_dirs, tmp_path):
+def test_checkpoint_of_another_configuration_is_refused_not_overwritten(adapter_dirs, tmp_path):
+    from stages.train_gates import CheckpointMismatchError
+
     make_trainer(adapter_dirs, tmp_path).fit()
+    path = tmp_path / "checkpoint.pt"
+    saved = path.read_bytes()
     other = make_trainer(adapter_dirs, tmp_path)
     other.fingerprint = "different"
-    assert not other.try_resume() and other.step == 0
+    with pytest.raises(CheckpointMismatchError, match="another configuration"):
+        other.try_resume()
+    assert other.step == 0 and path.read_bytes() == saved
+    path.write_bytes(saved[: len(saved) // 2])  # truncated: named, not a bare unpickling error
+    with pytest.raises(CheckpointMismatchError, match="cannot read the training checkpoint"):
+        make_trainer(adapter_dirs, tmp_path).try_resume()
 
 
 def test_local_gradient_matches_full_losses_and_learns(adapter_dirs, tmp_path):

@@ -8,7 +8,23 @@ from .ops import STRATEGIES, lora_delta, mix_adapters, moe_lora
 from .routing import ROUTING_MODES, Routing, route
 
 __all__ = [
-    "AdapterBank", "AdapterError", "StackedLoRA", "load_adapter_bank", "random_adapter_bank", "read_adapter",
-    "validate_adapter", "GateManifestError", "MeteoRALinear", "DEFAULT_TARGETS", "MeteoRAModel", "attach_meteora",
-    "STRATEGIES", "lora_delta", "mix_adapters", "moe_lora", "ROUTING_MODES", "Routing", "route",
+    "DEFAULT_TARGETS",
+    "ROUTING_MODES",
+    "STRATEGIES",
+    "AdapterBank",
+    "AdapterError",
+    "GateManifestError",
+    "MeteoRALinear",
+    "MeteoRAModel",
+    "Routing",
+    "StackedLoRA",
+    "attach_meteora",
+    "load_adapter_bank",
+    "lora_delta",
+    "mix_adapters",
+    "moe_lora",
+    "random_adapter_bank",
+    "read_adapter",
+    "route",
+    "validate_adapter",
 ]

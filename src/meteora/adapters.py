@@ -12,9 +12,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -126,9 +126,23 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
         lora_a, lora_b = parts["A"], parts["B"]
         if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != lora_b.shape[1]:
             raise AdapterError(
-                f"adapter {path}, module {module}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} are not (r, d_in) and (d_out, r)"
+                f"adapter {path}, module {module}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} "
+                "are not (r, d_in) and (d_out, r)"
             )
         rank = lora_a.shape[0]
+        config_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+        if rank != config_rank:
+            raise AdapterError(
+                f"adapter {path}/adapter_model.safetensors, module {module}: weights of rank {rank}, but adapter_config.json "
+                f"gives r = {config_rank} (its scaling would be wrong); fix r / rank_pattern or re-save the adapter"
+            )
+        for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+            bad = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                raise AdapterError(
+                    f"adapter {path}/adapter_model.safetensors, module {module}: {part} has {bad} non-finite (NaN or inf) "
+                    "values; retrain or re-export the adapter"
+                )
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
         weights[module] = (lora_a, lora_b)
         scaling[module] = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

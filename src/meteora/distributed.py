@@ -158,7 +158,8 @@ def _decoder_layers(model: MeteoRAModel) -> list[nn.Module]:
     names = set(getattr(model.model, "_no_split_modules", None) or [])
     layers = [m for m in model.model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model.model).__name__} declares no decoder layer classes (_no_split_modules={sorted(names)}); FSDP cannot group it per layer")
+        raise ValueError(f"{type(model.model).__name__} declares no decoder layer classes "
+                         f"(_no_split_modules={sorted(names)}); FSDP cannot group it per layer")
     return layers
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meteora.router_input import ROUTER_INPUTS, CausalMean, SequenceContext
+from meteora.router_input import ROUTER_INPUTS, CausalMean, RouterLoss, SequenceContext
 from meteora.routing import Routing, route
 
 SITES = ("input", "output")
@@ -46,7 +46,9 @@ class MoVLinear(nn.Module):
     vectors: (E, dim) init ones; router: Linear(dim, E, bias=False) on the rescaled activation h (the
     layer's input for site "input", its output for "output"), or on h's causal sentence mean.
     mode: "soft" (all experts, softmax) or "topk_unnormalized" (softmax, keep the top_k probabilities).
-    With keep_routing set, `last_routing` holds the routing of the last forward (logits (..., E)).
+    router_init_scale multiplies the router's default (Kaiming-uniform) initial weights; router_loss adds
+    the auxiliary router losses while training. With keep_routing set, `last_routing` holds the routing
+    of the last forward (logits (..., E)).
     """
 
     def __init__(
@@ -58,6 +60,8 @@ class MoVLinear(nn.Module):
         top_k: int = 1,
         router_input: str = "token",
         context: SequenceContext | None = None,
+        router_init_scale: float = 1.0,
+        router_loss: RouterLoss | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("soft", "topk_unnormalized"):
@@ -75,6 +79,9 @@ class MoVLinear(nn.Module):
         self.router_input = router_input
         self.vectors = nn.Parameter(torch.ones(num_experts, dim, **factory))
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
+        with torch.no_grad():
+            self.router.weight.mul_(router_init_scale)
+        self.router_loss = router_loss or RouterLoss()
         self.sentence_mean = CausalMean(context) if router_input == "sentence" else None
         self.keep_routing = False
         self.last_routing: Routing | None = None
@@ -89,8 +96,10 @@ class MoVLinear(nn.Module):
         routing = route(self.router(gate_input), self.top_k, mode=self.mode)
         if self.keep_routing:
             self.last_routing = routing
-        dense = torch.zeros_like(routing.logits).scatter(-1, routing.indices, routing.weights)
-        return h * (dense.to(h.dtype) @ self.vectors)
+        dense = routing.weights if self.mode == "soft" else \
+            torch.zeros_like(routing.logits).scatter(-1, routing.indices, routing.weights)
+        out = h * (dense.to(h.dtype) @ self.vectors)
+        return self.router_loss.attach(out, routing.logits) if self.training else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.site == "input":

@@ -61,7 +61,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     For a directory of several files (an adapter folder, a gate folder): the caller writes every file
     (its manifest last) into the yielded directory; the old ``path`` is swapped out only once all of
-    them exist, so a reader never sees a mix of old and new files. On an exception ``path`` is untouched.
+    them exist, so a reader never sees a mix of old and new files. On an exception ``path`` is untouched
+(if the final rename fails, the old directory is moved back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,11 +70,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     old = path.parent / f".{path.name}.old"
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as fh:
+                    os.fsync(fh.fileno())
         if old.exists():
             shutil.rmtree(old)
-        if path.exists():
+        moved = path.exists()
+        if moved:
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if moved:  # put the old directory back: the reader keeps seeing it
+                os.replace(old, path)
+            raise
         if old.exists():
             shutil.rmtree(old)
     finally:

@@ -12,7 +12,12 @@ MoV-E                  ia3      E             soft / topK        trained from sc
 LoRA                   lora     1             (none)             trained from scratch
 MoLoRA-E               lora     E             soft / topK        trained from scratch
 MeteoRA                lora     len(adapters) topK, renormalised  pre-trained LoRAs, frozen
+full fine-tuning       full     1             (none)             every weight of the model
 =====================  =======  ============  =================  ==============================
+
+Routed methods may fight router collapse with a smaller router initialisation (`router_init_scale`)
+and the auxiliary router losses of :class:`meteora.router_input.RouterLoss` (`router_z_loss`,
+`router_balance`).
 
 MoLoRA and MeteoRA share one layer (:class:`meteora.layer.MeteoRALinear`) and one op
 (:func:`meteora.ops.moe_lora`).
@@ -29,9 +34,9 @@ from torch import nn
 from meteora.ia3 import IA3Linear, MoVLinear
 from meteora.layer import MeteoRALinear
 from meteora.molora import molora_linear
-from meteora.router_input import ROUTER_INPUTS, attach_sequence_context
+from meteora.router_input import ROUTER_INPUTS, RouterLoss, attach_sequence_context
 
-KINDS = ("ia3", "lora")
+KINDS = ("ia3", "lora", "full")
 IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -42,7 +47,7 @@ _TOPK = re.compile(r"^top(\d+)$")
 class MixtureConfig:
     """Which experts, how many, how routed, where.
 
-    kind: "ia3" (rescaling vectors) or "lora" (low-rank adapters).
+    kind: "ia3" (rescaling vectors), "lora" (low-rank adapters) or "full" (every weight trained, no expert).
     num_experts: experts per adapted module; 1 = the plain method, no router.
     rank, alpha: LoRA experts' rank and alpha (scaling alpha / rank); ignored for "ia3".
     routing: "soft" (softmax over all experts) or "top<k>" (keep the k best).
@@ -52,6 +57,8 @@ class MixtureConfig:
     feedforward: (IA)3 targets rescaled on their input (the FFN intermediate), others on their output.
     adapters: pre-trained PEFT LoRA folders (frozen experts, MeteoRA); None trains experts from scratch.
     temperature, strategy: MeteoRA's gate temperature and the op's forward strategy.
+    router_init_scale: factor on the routers' default initial weights (< 1: nearer-uniform routing at start).
+    router_z_loss, router_balance: coefficients of the router z-loss and load-balancing loss, per routed layer.
     """
 
     kind: str = "ia3"
@@ -66,6 +73,9 @@ class MixtureConfig:
     adapters: tuple[str, ...] | None = None
     temperature: float = 1.0
     strategy: str = "auto"
+    router_init_scale: float = 1.0
+    router_z_loss: float = 0.0
+    router_balance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,11 +92,16 @@ class MixtureConfig:
             raise ValueError(f"MixtureConfig.num_experts={self.num_experts} must be at least 1")
         if self.top_k > self.num_experts:
             raise ValueError(f"MixtureConfig.routing={self.routing!r} picks more experts than num_experts={self.num_experts}")
+        if self.kind == "full" and (self.num_experts != 1 or self.adapters is not None):
+            raise ValueError("MixtureConfig kind='full' (full fine-tuning) has no experts: set num_experts=1")
+        if self.router_init_scale < 0 or self.router_z_loss < 0 or self.router_balance < 0:
+            raise ValueError(f"MixtureConfig router_init_scale={self.router_init_scale}, router_z_loss={self.router_z_loss}, "
+                             f"router_balance={self.router_balance}: need values >= 0")
         if self.kind == "lora" and (self.rank < 1 or self.alpha <= 0):
             raise ValueError(f"MixtureConfig rank={self.rank}, alpha={self.alpha}: need rank >= 1 and alpha > 0")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MixtureConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> MixtureConfig:
         """Build from a plain mapping (e.g. a Hydra node); unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -122,7 +137,10 @@ class MixtureConfig:
 
     @property
     def label(self) -> str:
-        """A short human name: "(IA)3", "MoV-10", "LoRA (r=4)", "MoLoRA-5 top-2, sentence", "MeteoRA top-2"."""
+        """A short human name: "(IA)3", "MoV-10", "LoRA (r=4)", "MoLoRA-5 top-2, sentence", "MeteoRA top-2",
+        "MoV-10 z-loss", "Full fine-tuning"."""
+        if self.kind == "full":
+            return "Full fine-tuning"
         if self.adapters is not None:
             name = "MeteoRA"
         elif self.num_experts == 1:
@@ -132,6 +150,12 @@ class MixtureConfig:
         extras = [] if self.routing == "soft" else [f"top-{self.top_k}"]
         if self.router_input == "sentence":
             extras.append("sentence")
+        if self.router_init_scale != 1.0:
+            extras.append(f"router init x{self.router_init_scale:g}")
+        if self.router_z_loss > 0:
+            extras.append(f"z-loss {self.router_z_loss:g}")
+        if self.router_balance > 0:
+            extras.append(f"balance {self.router_balance:g}")
         return name + (" " + ", ".join(extras) if extras else "")
 
 
@@ -152,6 +176,8 @@ def apply_method(model: nn.Module, config: MixtureConfig) -> nn.Module:
     """
     if config.adapters is not None:
         return _apply_meteora(model, config)
+    if config.kind == "full":
+        return model.requires_grad_(True)
     for param in model.parameters():
         param.requires_grad_(False)
     context = attach_sequence_context(model) if config.router_input == "sentence" else None
@@ -165,13 +191,16 @@ def apply_method(model: nn.Module, config: MixtureConfig) -> nn.Module:
 
 
 def _expert_layer(base: nn.Linear, name: str, config: MixtureConfig, context) -> nn.Module:
+    router = {"router_init_scale": config.router_init_scale,
+              "router_loss": RouterLoss(config.router_z_loss, config.router_balance)}
     if config.kind == "ia3":
         site = "input" if _matches(name, config.feedforward) else "output"
         if config.num_experts == 1:
             return IA3Linear(base, site)
-        return MoVLinear(base, site, config.num_experts, config.mode, config.top_k, config.router_input, context)
+        return MoVLinear(base, site, config.num_experts, config.mode, config.top_k, config.router_input, context, **router)
     return molora_linear(
-        base, config.num_experts, config.rank, config.alpha, config.mode, config.top_k, config.router_input, context
+        base, config.num_experts, config.rank, config.alpha, config.mode, config.top_k, config.router_input, context,
+        **router,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,14 +87,15 @@ class MeteoRAModel(nn.Module):
     @contextlib.contextmanager
     def _forced(self, adapter: int | str, single: bool) -> Iterator[None]:
         index = self.adapter_index(adapter)
-        layers = self.meteora_layers().values()
+        layers = list(self.meteora_layers().values())
+        found = [(layer.forced_adapter, layer.forced_single) for layer in layers]
         for layer in layers:
             layer.forced_adapter, layer.forced_single = index, single
         try:
             yield
-        finally:
-            for layer in layers:
-                layer.forced_adapter, layer.forced_single = None, False
+        finally:  # restore what was there: contexts nest (an oracle inside single_adapter returns to it)
+            for layer, (forced, was_single) in zip(layers, found):
+                layer.forced_adapter, layer.forced_single = forced, was_single
 
     def single_adapter(self, adapter: int | str):
         """Context: the model with just this adapter, no gate (equals PEFT with that adapter)."""
@@ -122,18 +123,30 @@ class MeteoRAModel(nn.Module):
         """Module name -> chosen adapter indices (B, T, k) of the last forward."""
         return {name: r.indices.detach().cpu() for name, r in self._routings().items()}
 
+    @staticmethod
+    def _gate_targets(logits: torch.Tensor, task_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Each token's task id (its sample's), -100 on padding: (B, T) -> flattened (B*T,)."""
+        targets = task_ids.to(logits.device)[:, None].expand(logits.shape[:2])
+        if attention_mask is not None:
+            targets = targets.masked_fill(attention_mask.to(logits.device) == 0, -100)
+        return targets.flatten()
+
     def gate_loss(self, task_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy of every gate's logits against each token's task id (its sample's), summed over
-        gates and averaged over non-padding tokens. task_ids: (B,); attention_mask: (B, T)."""
-        total = None
-        for routing in self._routings().values():
-            logits = routing.logits  # (B, T, N)
-            targets = task_ids.to(logits.device)[:, None].expand(logits.shape[:2])
-            if attention_mask is not None:
-                targets = targets.masked_fill(attention_mask.to(logits.device) == 0, -100)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-            total = loss if total is None else total + loss
-        return total
+        """The paper's gate objective: ONE cross-entropy over the logits of all gates concatenated, against
+        each token's task id (its sample's), i.e. the mean over gates and non-padding tokens.
+        task_ids: (B,); attention_mask: (B, T); returns a float32 scalar."""
+        routings = list(self._routings().values())
+        logits = torch.cat([r.logits.flatten(0, 1).float() for r in routings])  # (G*B*T, N)
+        targets = torch.cat([self._gate_targets(r.logits, task_ids, attention_mask) for r in routings])
+        return F.cross_entropy(logits, targets, ignore_index=-100)
+
+    def gate_loss_per_gate(self, task_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Module name -> that gate's own cross-entropy (mean over non-padding tokens), for logging;
+        their mean is :meth:`gate_loss`."""
+        return {
+            name: F.cross_entropy(r.logits.flatten(0, 1).float(), self._gate_targets(r.logits, task_ids, attention_mask), ignore_index=-100)
+            for name, r in self._routings().items()
+        }
 
     def routing_accuracy(self, task_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """Share of tokens whose top-1 adapter is their task's: overall, per decoder layer, per module."""
@@ -163,11 +176,20 @@ class MeteoRAModel(nn.Module):
         state = {name: layer.gate.weight for name, layer in self.meteora_layers().items()}
         save_gate_state(directory, state, self.adapter_names, self.base_model_name, self.top_k, self.temperature)
 
-    def load_gates(self, directory: str | os.PathLike, use_manifest_settings: bool = True) -> dict:
-        """Load gates saved by :meth:`save_gates`; refuses gates trained for other adapters or another order.
-        Returns the manifest; with ``use_manifest_settings`` its top_k and temperature are applied."""
+    def load_gates(self, directory: str | os.PathLike, use_manifest_settings: bool = True, allow_other_base: bool = False) -> dict:
+        """Load gates saved by :meth:`save_gates`, completely or not at all: everything is checked before
+        anything is copied, and :class:`~meteora.GateManifestError` (naming the file and module) is raised
+        for a damaged file, a manifest without a key, other adapters or another order, a missing or extra
+        module, a wrong shape or dtype, NaN values, or gates trained on another base model (the manifest's
+        ``base_model`` against :attr:`base_model_name`; ``allow_other_base=True`` loads them with a
+        warning, e.g. for the same model saved under another path). Returns the manifest; with
+        ``use_manifest_settings`` its top_k and temperature are applied."""
         layers = self.meteora_layers()
-        state, manifest = load_gate_state(directory, self.adapter_names, set(layers))
+        expected = {name: layer.gate.weight for name, layer in layers.items()}
+        state, manifest = load_gate_state(directory, self.adapter_names, expected, self.base_model_name, allow_other_base)
+        if use_manifest_settings:
+            for layer in layers.values():
+                check_routing_args(layer.num_adapters, int(manifest["top_k"]), float(manifest["temperature"]), layer.mode)
         with torch.no_grad():
             for name, weight in state.items():
                 layers[name].gate.weight.copy_(weight)
@@ -189,6 +211,12 @@ def attach_meteora(
     """Embed N LoRA adapters (PEFT folders, a name -> folder mapping, or an :class:`AdapterBank`) into a
     Hugging Face LLaMA-architecture causal LM, in place: every target nn.Linear becomes a
     :class:`MeteoRALinear` with its own gate. Everything but the gates is frozen."""
+    attached = [name for name, m in model.named_modules() if isinstance(m, MeteoRALinear)]
+    if attached:
+        raise ValueError(
+            f"the model already has MeteoRA attached ({len(attached)} layers, e.g. {attached[0]}): attach_meteora "
+            "takes a plain base model; load a fresh one (or deep-copy it before the first attach)"
+        )
     bank = adapters if isinstance(adapters, AdapterBank) else load_adapter_bank(adapters, model)
     for param in model.parameters():
         param.requires_grad_(False)

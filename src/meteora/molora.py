@@ -15,28 +15,43 @@ from torch import nn
 
 from meteora.layer import MeteoRALinear
 from meteora.ops import moe_lora
-from meteora.router_input import ROUTER_INPUTS, CausalMean, SequenceContext
+from meteora.router_input import ROUTER_INPUTS, CausalMean, RouterLoss, SequenceContext
 
 
 class MoLoRALinear(MeteoRALinear):
-    """A MeteoRALinear whose gate may read the causal sentence mean of its input instead of the token.
+    """A MeteoRALinear whose gate may read the causal sentence mean of its input instead of the token,
+    and whose router may add auxiliary losses while training (:class:`meteora.router_input.RouterLoss`).
 
-    x: (B, T, d_in) -> (B, T, d_out). `sentence_mean` is None for token routing.
+    x: (B, T, d_in) -> (B, T, d_out). `sentence_mean` is None for token routing. Token routing is the
+    parent's forward (on CUDA the kernels add the mixture into the base output in place); sentence
+    routing passes the base output to the same op as `out`.
     """
 
-    def __init__(self, *args, sentence_mean: CausalMean | None = None, **kwargs) -> None:
+    def __init__(self, *args, sentence_mean: CausalMean | None = None, router_loss: RouterLoss | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sentence_mean = sentence_mean
+        self.router_loss = router_loss or RouterLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sentence_mean is None or self.forced_adapter is not None:
+        if self.forced_adapter is not None:
             return super().forward(x)
-        delta, routing = moe_lora(
-            x, self.gate.weight, self.lora_a, self.lora_b, self.scaling, self.top_k, self.temperature,
-            self.strategy, mode=self.mode, gate_input=self.sentence_mean(x),
-        )
-        self.last_routing = routing if self.keep_routing else None
-        return self.base(x) + delta
+        keep = self.keep_routing
+        regularise = self.training and self.router_loss.active
+        if self.sentence_mean is None:
+            self.keep_routing = keep or regularise
+            try:
+                out = super().forward(x)
+            finally:
+                self.keep_routing = keep
+            routing = self.last_routing
+        else:
+            out, routing = moe_lora(
+                x, self.gate.weight, self.lora_a, self.lora_b, self.scaling, self.top_k, self.temperature,
+                self.strategy, mode=self.mode, gate_input=self.sentence_mean(x), out=self.base(x),
+            )
+        self.last_routing = routing if keep else None
+        return self.router_loss.attach(out, routing.logits) if regularise else out
 
 
 def init_lora_experts(num_experts: int, rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +71,13 @@ def molora_linear(
     top_k: int = 1,
     router_input: str = "token",
     context: SequenceContext | None = None,
+    router_init_scale: float = 1.0,
+    router_loss: RouterLoss | None = None,
 ) -> MoLoRALinear:
-    """Wrap `base` with E trainable LoRA experts (scaling alpha / rank) and a trainable router.
+    """Wrap `base` with E trainable LoRA experts (scaling alpha / rank) and a trainable router (its
+    default initial weights times `router_init_scale`, its auxiliary losses `router_loss`).
 
-    One expert is plain LoRA: its router is frozen (softmax over one logit is always 1).
+    One expert is plain LoRA: its router is frozen (softmax over one logit is always 1) and unregularised.
     """
     if router_input not in ROUTER_INPUTS:
         raise ValueError(f"unknown router_input {router_input!r}; expected one of {ROUTER_INPUTS}")
@@ -70,6 +88,9 @@ def molora_linear(
         base, lora_a, lora_b, torch.full((num_experts,), alpha / rank),
         top_k=num_experts if mode == "soft" else top_k, mode=mode, train_adapters=True,
         sentence_mean=CausalMean(context) if router_input == "sentence" and num_experts > 1 else None,
+        router_loss=router_loss if num_experts > 1 else None,
     )
+    with torch.no_grad():
+        layer.gate.weight.mul_(router_init_scale)
     layer.gate.weight.requires_grad_(num_experts > 1)
     return layer

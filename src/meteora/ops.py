@@ -4,55 +4,120 @@ For a token x (d_in,), N adapters (A_i: r x d_in, B_i: d_out x r, scaling s_i) a
 
     logits = W_g x,   (indices, w) = route(logits),   delta = sum_j w_j s_{i_j} B_{i_j} (A_{i_j} x)
 
-Strategies (all compute in x's dtype with float32 accumulation, float64 stays float64):
+Strategies (all compute in x's dtype with float32 accumulation, float64 stays float64; every one takes any
+number of tokens, zero included):
 
 * ``"reference"``: every adapter on every token in float32/float64, then the chosen ones picked; for tests.
 * ``"loop"``: the paper's loop-original: per adapter, gather its tokens, apply it, index-add back.
 * ``"bmm"``: the paper's bmm-torch: a copy of A and B per (token, chosen adapter), two batched matmuls.
-* ``"triton"``: the paper's Triton idea: kernels that read the chosen adapters in place.
-* ``"fused"``: ours. On CUDA the Triton kernels of :mod:`meteora.kernels` (gate and routing fused, the
-  delta accumulated into the base output); elsewhere one GEMM of x against all adapters' A, the routing
-  weights scattered onto it, one GEMM against all adapters' B. Both differentiate into the adapters too
-  (MoLoRA trains them).
-* ``"auto"``: the fastest correct strategy for the device (see :func:`resolve_strategy`).
+* ``"triton"``: the paper's Triton idea: kernels that read the chosen adapters in place (CUDA; float64
+  takes the dense form).
+* ``"fused"``: ours, the operator ``torch.ops.meteora.moe_lora`` (:mod:`meteora.kernels.op`): on CUDA the
+  Triton kernels of :mod:`meteora.kernels.fused` (gate and routing fused, the delta written into the base
+  output), elsewhere and for float64 one GEMM of x against all adapters' A, the routing weights scattered
+  on, one GEMM against all adapters' B. Differentiable into x, the gate and the adapters (MoLoRA trains
+  them), traced by torch.compile without graph breaks.
+* ``"auto"``: the strategy :data:`AUTO_TABLE` gives for the device, dtype, gradients and token count.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from .routing import Routing, check_routing_args, route
+from .kernels.dense import accumulation_dtype
+from .kernels.op import moe_lora_op
+from .routing import Routing, check_routing_args, route_unchecked
 
 STRATEGIES = ("reference", "loop", "bmm", "triton", "fused", "auto")
 
 Mixer = Callable[..., torch.Tensor]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class AutoRule(NamedTuple):
+    """One row of :data:`AUTO_TABLE`: where it applies (None: any) and the strategy it picks."""
+
+    device: str | None
+    dtypes: tuple[torch.dtype, ...] | None
+    grad: bool | None
+    min_tokens: int
+    max_tokens: int | None
+    strategy: str
 
 
-def _scaling_tensor(scaling: torch.Tensor | float, num_adapters: int, device: torch.device) -> torch.Tensor:
+# What "auto" picks, the first matching row winning; from side-by-side measurements of the 7 projections of a
+# decoder layer (SmolLM2-135M shapes, 10 adapters, r=8, float32, no gradients, interleaved rounds on a
+# 2-core CPU): the operator's dense form costs 1.33x / 2.1x / 1.7x a single LoRA at 1 / 16 / 64 tokens,
+# against 3.0x / 5.1x / 6.1x for bmm; on CUDA the operator's Triton kernels at every token count (the
+# layer section of benchmarks/, reports/benchmark/), its dense form for float64. Rows for other strategies
+# go here when a measurement favours them somewhere.
+AUTO_TABLE: tuple[AutoRule, ...] = (
+    AutoRule("cuda", None, None, 0, None, "fused"),
+    AutoRule("cpu", None, None, 0, None, "fused"),
+    AutoRule(None, None, None, 0, None, "fused"),
+)
+
+
+def auto_strategy(device: str, dtype: torch.dtype, grad: bool, num_tokens: int, table: tuple[AutoRule, ...] = AUTO_TABLE) -> str:
+    """The strategy of the first row of ``table`` matching a device type, dtype, whether gradients are
+    recorded and a token count."""
+    for rule in table:
+        if ((rule.device is None or rule.device == device) and (rule.dtypes is None or dtype in rule.dtypes)
+                and (rule.grad is None or rule.grad == grad) and rule.min_tokens <= num_tokens
+                and (rule.max_tokens is None or num_tokens <= rule.max_tokens)):
+            return rule.strategy
+    raise LookupError(f"no strategy for device {device!r}, {dtype}, grad={grad}, {num_tokens} tokens in the table")
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _scaling_tensor(scaling: torch.Tensor | float, num_adapters: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) scaling in the accumulation dtype of ``dtype`` (x's)."""
+    acc = accumulation_dtype(dtype)
     if isinstance(scaling, torch.Tensor):
         if scaling.shape != (num_adapters,):
             raise ValueError(f"scaling has shape {tuple(scaling.shape)}, expected ({num_adapters},)")
-        return scaling.to(device=device)
-    return torch.full((num_adapters,), float(scaling), device=device)
+        return scaling.to(device=device, dtype=acc)
+    return torch.full((num_adapters,), float(scaling), device=device, dtype=acc)
 
 
-def check_shapes(x: torch.Tensor, gate_weight: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
-    """Raise ValueError naming the first tensor whose shape does not fit the others."""
+def check_shapes(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gate_input: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Raise TypeError naming a tensor that is not floating point, ValueError naming the first tensor whose
+    shape does not fit the others (x (..., d_in), gate_weight (N, d_in), lora_a (N, r, d_in), lora_b
+    (N, d_out, r), gate_input like x, out (..., d_out))."""
+    named = {"x": x, "gate_weight": gate_weight, "lora_a": lora_a, "lora_b": lora_b, "gate_input": gate_input, "out": out}
+    for name, tensor in named.items():
+        if tensor is not None and not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must be (..., d_in), got a {x.dim()}-dimensional tensor")
     if lora_a.dim() != 3 or lora_b.dim() != 3:
         raise ValueError(f"lora_a must be (N, r, d_in) and lora_b (N, d_out, r); got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
     num_adapters, rank, d_in = lora_a.shape
     if lora_b.shape[0] != num_adapters or lora_b.shape[2] != rank:
-        raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}, expected ({num_adapters}, d_out, {rank}) to match lora_a {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"lora_b has shape {tuple(lora_b.shape)}, expected ({num_adapters}, d_out, {rank}) to match lora_a {tuple(lora_a.shape)}"
+        )
     if x.shape[-1] != d_in:
         raise ValueError(f"x has last dimension {x.shape[-1]}, but the adapters take d_in={d_in}")
     if gate_weight is not None and gate_weight.shape != (num_adapters, d_in):
         raise ValueError(f"gate_weight has shape {tuple(gate_weight.shape)}, expected ({num_adapters}, {d_in})")
+    if gate_input is not None and gate_input.shape != x.shape:
+        raise ValueError(f"gate_input has shape {tuple(gate_input.shape)}, expected x's {tuple(x.shape)}")
+    if out is not None and out.shape != (*x.shape[:-1], lora_b.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*x.shape[:-1], lora_b.shape[1])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,7 +126,7 @@ def check_shapes(x: torch.Tensor, gate_weight: torch.Tensor | None, lora_a: torc
 
 def mix_reference(x, indices, weights, lora_a, lora_b, scaling):
     """Every adapter on every token (T x N x d_out), then the chosen ones weighted and summed."""
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     per_adapter = torch.einsum("tnr,nor->tno", torch.einsum("td,nrd->tnr", x.to(acc), lora_a.to(acc)), lora_b.to(acc))
     coef = torch.zeros(x.shape[0], lora_a.shape[0], dtype=acc, device=x.device)
     coef = coef.scatter_add(1, indices, weights.to(acc) * scaling.to(acc)[indices])
@@ -70,7 +135,7 @@ def mix_reference(x, indices, weights, lora_a, lora_b, scaling):
 
 def mix_loop(x, indices, weights, lora_a, lora_b, scaling):
     """Loop over adapters; each gathers its tokens, applies itself and index-adds back."""
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     delta = torch.zeros(x.shape[0], lora_b.shape[1], dtype=acc, device=x.device)
     for i in range(lora_a.shape[0]):
         tokens, slots = torch.nonzero(indices == i, as_tuple=True)
@@ -85,13 +150,13 @@ def mix_loop(x, indices, weights, lora_a, lora_b, scaling):
 def mix_bmm(x, indices, weights, lora_a, lora_b, scaling):
     """Copies of A and B for every (token, chosen adapter) pair, then two batched matmuls."""
     num_tokens, top_k = indices.shape
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     a_copies = lora_a[indices].flatten(0, 1)  # (T*k, r, d_in)
     b_copies = lora_b[indices].flatten(0, 1)  # (T*k, d_out, r)
     x_rep = x.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # (T*k, d_in, 1)
     out = torch.bmm(b_copies, torch.bmm(a_copies, x_rep)).squeeze(-1)  # (T*k, d_out)
     coef = (weights.to(acc) * scaling.to(acc)[indices]).reshape(-1, 1)
-    return (out.to(acc) * coef).view(num_tokens, top_k, -1).sum(1).to(x.dtype)
+    return (out.to(acc) * coef).view(num_tokens, top_k, lora_b.shape[1]).sum(1).to(x.dtype)
 
 
 def mix_dense(x, indices, weights, lora_a, lora_b, scaling):
@@ -100,8 +165,8 @@ def mix_dense(x, indices, weights, lora_a, lora_b, scaling):
     Extra memory O(T x N x r); differentiable in x, weights, lora_a and lora_b (MoLoRA trains them).
     """
     num_adapters, rank, d_in = lora_a.shape
-    acc = _accumulation_dtype(x.dtype)
-    hidden = (x @ lora_a.reshape(num_adapters * rank, d_in).T).view(-1, num_adapters, rank)  # (T, N, r)
+    acc = accumulation_dtype(x.dtype)
+    hidden = (x @ lora_a.reshape(num_adapters * rank, d_in).T).view(x.shape[0], num_adapters, rank)  # (T, N, r)
     coef = torch.zeros(x.shape[0], num_adapters, dtype=acc, device=x.device)
     coef = coef.scatter_add(1, indices, weights.to(acc) * scaling.to(acc)[indices])
     hidden = (hidden.to(acc) * coef[..., None]).to(x.dtype).view(-1, num_adapters * rank)
@@ -109,7 +174,10 @@ def mix_dense(x, indices, weights, lora_a, lora_b, scaling):
 
 
 def mix_triton(x, indices, weights, lora_a, lora_b, scaling):
-    """The chosen adapters read in place by Triton kernels (see :mod:`meteora.kernels`)."""
+    """The chosen adapters read in place by Triton kernels (see :mod:`meteora.kernels`); float64, which the
+    kernels do not take, goes through :func:`mix_dense`."""
+    if x.dtype == torch.float64:
+        return mix_dense(x, indices, weights, lora_a, lora_b, scaling)
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("strategy='triton' needs a CUDA device (or TRITON_INTERPRET=1 to test the kernels on CPU)")
     if lora_a.requires_grad or lora_b.requires_grad:
@@ -128,12 +196,14 @@ MIXERS: dict[str, Mixer] = {
 }
 
 
-def resolve_strategy(strategy: str, x: torch.Tensor) -> str:
-    """Map ``"auto"`` to a concrete strategy: the fused path everywhere (Triton kernels on CUDA, the
-    dense two-GEMM form on CPU, which measures fastest there at every token count)."""
+def resolve_strategy(strategy: str, x: torch.Tensor, grad: bool = False) -> str:
+    """A concrete strategy: ``strategy`` itself, or for ``"auto"`` the :data:`AUTO_TABLE` row for x's device,
+    dtype and token count and whether gradients are recorded."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    return "fused" if strategy == "auto" else strategy
+    if strategy != "auto":
+        return strategy
+    return auto_strategy(x.device.type, x.dtype, grad, x.numel() // max(x.shape[-1], 1))
 
 
 def mix_adapters(
@@ -147,14 +217,14 @@ def mix_adapters(
 ) -> torch.Tensor:
     """Apply given routing: x (..., d_in), indices/weights (..., k) -> delta (..., d_out) in x's dtype."""
     check_shapes(x, None, lora_a, lora_b)
-    strategy = resolve_strategy(strategy, x)
+    strategy = resolve_strategy(strategy, x, needs_grad(x, weights, lora_a, lora_b))
     leading = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    scale = _scaling_tensor(scaling, lora_a.shape[0], x.device)
+    scale = _scaling_tensor(scaling, lora_a.shape[0], x.device, x.dtype)
     lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    idx2 = indices.reshape(x2.shape[0], -1)
-    w2 = weights.reshape(x2.shape[0], -1)
-    if strategy == "fused" and x.is_cuda and not (lora_a.requires_grad or lora_b.requires_grad):
+    idx2 = indices.reshape(x2.shape[0], indices.shape[-1])
+    w2 = weights.reshape(x2.shape[0], weights.shape[-1])
+    if strategy == "fused" and x.is_cuda and x.dtype != torch.float64 and not (lora_a.requires_grad or lora_b.requires_grad):
         delta = mix_triton(x2, idx2, w2, lora_a, lora_b, scale)
     else:
         delta = MIXERS[strategy](x2, idx2, w2, lora_a, lora_b, scale)
@@ -175,34 +245,35 @@ def moe_lora(
     gate_input: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Routing]:
-    """The gated mixture of LoRA adapters.
+    """The gated mixture of LoRA adapters, checked (the layer calls the unchecked operator).
 
     x: (..., d_in); gate_weight: (N, d_in); lora_a: (N, r, d_in); lora_b: (N, d_out, r);
     scaling: (N,) or a float; gate_input: (..., d_in), what the gate reads if not x (sentence routing).
     Returns delta (..., d_out) in x's dtype and the :class:`Routing` with leading shape x.shape[:-1].
-    With ``out`` (..., d_out), e.g. the base layer's output, ``out + delta`` is returned instead; on CUDA
-    the kernels add into ``out`` in place (one read-modify-write, no delta tensor).
+    With ``out`` (..., d_out), e.g. the base layer's output, ``out + delta`` is returned instead (``out``
+    itself is left as it is; the fused strategy adds it in the kernel's epilogue, with no delta tensor).
     """
-    check_shapes(x, gate_weight, lora_a, lora_b)
+    check_shapes(x, gate_weight, lora_a, lora_b, gate_input, out)
     num_adapters = lora_a.shape[0]
     check_routing_args(num_adapters, top_k, temperature, mode)
-    if gate_input is not None and gate_input.shape != x.shape:
-        raise ValueError(f"gate_input has shape {tuple(gate_input.shape)}, expected x's {tuple(x.shape)}")
-    strategy = resolve_strategy(strategy, x)
+    top_k = int(top_k)
+    grad = needs_grad(x, gate_weight, lora_a, lora_b, gate_input, out)
+    strategy = resolve_strategy(strategy, x, grad)
     leading = x.shape[:-1]
-    d_out = lora_b.shape[1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if strategy == "fused" and x.is_cuda and gate_input is None:
-        from .kernels import fused_moe_lora
-
-        scale = _scaling_tensor(scaling, num_adapters, x.device).float()
-        out2 = None if out is None else out.reshape(-1, d_out)
-        delta, logits, indices, weights = fused_moe_lora(
-            x2, gate_weight.to(x.dtype), lora_a.to(x.dtype), lora_b.to(x.dtype), scale, top_k, temperature, mode, out=out2
+    d_in, d_out = x.shape[-1], lora_b.shape[1]
+    dtype = x.dtype
+    x2 = x.reshape(-1, d_in)
+    gate_x = None if gate_input is None else gate_input.reshape(-1, d_in).to(dtype)
+    if strategy == "fused":
+        scale = _scaling_tensor(scaling, num_adapters, x.device, dtype)
+        base = None if out is None else out.reshape(-1, d_out).to(dtype)
+        result, logits, indices, weights, _ = moe_lora_op(
+            x2.contiguous(), gate_x, gate_weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), scale, base,
+            top_k, float(temperature), mode,
         )
-        return delta.reshape(*leading, d_out), Routing(logits, indices, weights).reshape(*leading)
-    gate_x = x2 if gate_input is None else gate_input.reshape(-1, x.shape[-1])
-    routing = route(gate_x @ gate_weight.to(x.dtype).T, top_k, temperature, mode)
+        return result.reshape(*leading, d_out), Routing(logits, indices, weights).reshape(*leading)
+    gate_x = x2 if gate_x is None else gate_x
+    routing = route_unchecked((gate_x @ gate_weight.to(dtype).T).to(accumulation_dtype(dtype)), top_k, temperature, mode)
     delta = mix_adapters(x2, routing.indices, routing.weights, lora_a, lora_b, scaling, strategy).reshape(*leading, d_out)
     return (delta if out is None else out + delta), routing.reshape(*leading)
 

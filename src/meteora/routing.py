@@ -31,7 +31,7 @@ class Routing:
     indices: torch.Tensor
     weights: torch.Tensor
 
-    def reshape(self, *leading: int) -> "Routing":
+    def reshape(self, *leading: int) -> Routing:
         """The same routing with new leading dimensions (the last one is kept)."""
         return Routing(
             self.logits.reshape(*leading, self.logits.shape[-1]),
@@ -41,13 +41,15 @@ class Routing:
 
 
 def check_routing_args(num_adapters: int, top_k: int, temperature: float, mode: str) -> None:
-    """Raise ValueError for a routing setting that cannot work."""
+    """Raise TypeError for a top_k that is no integer, ValueError for a routing setting that cannot work."""
     if mode not in ROUTING_MODES:
         raise ValueError(f"unknown routing mode {mode!r}; expected one of {ROUTING_MODES}")
+    if isinstance(top_k, bool) or not hasattr(type(top_k), "__index__"):
+        raise TypeError(f"top_k must be an integer, got {top_k!r} ({type(top_k).__name__})")
     if mode != "soft" and not 1 <= top_k <= num_adapters:
         raise ValueError(f"top_k={top_k} must be between 1 and the number of adapters ({num_adapters})")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
 def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +62,14 @@ def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 def route(logits: torch.Tensor, top_k: int, temperature: float = 1.0, mode: str = "topk") -> Routing:
-    """Turn gate logits (..., N) into a :class:`Routing` (float32 weights)."""
+    """Turn gate logits (..., N) into a :class:`Routing` (float32 weights, float64 for float64 logits)."""
+    check_routing_args(logits.shape[-1], top_k, temperature, mode)
+    return route_unchecked(logits, top_k, temperature, mode)
+
+
+def route_unchecked(logits: torch.Tensor, top_k: int, temperature: float, mode: str) -> Routing:
+    """:func:`route` without checking its settings (the hot path, settings checked once at attach time)."""
     num_adapters = logits.shape[-1]
-    check_routing_args(num_adapters, top_k, temperature, mode)
     logits = logits if logits.dtype == torch.float64 else logits.float()
     if mode == "soft":
         weights = torch.softmax(logits / temperature, dim=-1)

@@ -4,9 +4,8 @@ adapter as a standard PEFT folder in `artifacts/adapters/<task>/`.
 adapter.source: train (PEFT LoRA on the task's train split, answer tokens only, resumable from
 `artifacts/checkpoints/adapters/<task>/`), hub (the paper's published adapter,
 `model.paper_adapters`), auto (hub when the model profile names paper adapters, else train).
-Every adapter is validated with the core's loader against the base model. When
-`adapter.eval.n_examples` > 0, base model and adapter are scored (greedy decoding) on the start of
-the task's test split; `reports/adapters/<task>.json` holds both scores and the training curve.
+Every adapter is validated with the core's loader against the base model;
+`reports/adapters/train/<task>.json` holds its training curve. Its scores are the stage score_adapters.
 """
 
 from __future__ import annotations
@@ -19,25 +18,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 import torch
 from omegaconf import DictConfig
 
 from meteora.adapters import validate_adapter
-from stages.common import (
-    ConfigError,
-    device,
-    load_config,
-    seed_everything,
-    set_threads,
-    start_run,
-    write_json,
-)
+from stages.common import ConfigError, device, load_config, seed_everything, set_threads, stage_run, torch_dtype
 from stages.hub import download
 from stages.setup import load_task_split
 from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def adapter_source(cfg: DictConfig) -> str:
@@ -87,23 +75,11 @@ def fetch_paper_folder(cfg: DictConfig, folder: str, out: Path) -> None:
         shutil.move(str(Path(tmp) / folder), out)
 
 
-def score(model, tokenizer, records: Sequence[dict], cfg_eval: DictConfig, max_prompt_tokens: int) -> dict:
-    """Greedy outputs of `model` on `records`, scored with the task's metric."""
-    from stages.generation import greedy_generate
-    from stages.metrics import score_task
-
-    outputs = greedy_generate(model, tokenizer, [r["input"] for r in records], int(cfg_eval.max_new_tokens),
-                              batch_size=int(cfg_eval.batch_size), max_prompt_tokens=max_prompt_tokens)
-    result = score_task(records[0]["metric"], outputs, [r["targets"] for r in records])
-    result["examples"] = [{"target": r["target"], "output": o} for r, o in list(zip(records, outputs))[:3]]
-    return result
-
-
 def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
-    """Train, save, validate and (optionally) score the task's LoRA; returns the report."""
+    """Train, save and validate the task's LoRA; returns the report."""
     seed = int(cfg.seed)
     seed_everything(seed)
-    base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", DTYPES[str(cfg.model.dtype)], device())
+    base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", torch_dtype(str(cfg.model.dtype)), device())
     max_length = int(cfg.model.max_length)
     train = load_task_split(cfg, task, "train", int(cfg.adapter.train.n_examples))
     data = encode_records(tokenizer, train, max_length)
@@ -115,15 +91,6 @@ def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
                        desc=f"adapter {task}")
     save_peft(model, out)
     report = {"task": task, "source": "train", "train_examples": len(train), "train": stats}
-    n_eval = int(cfg.adapter.eval.n_examples)
-    if n_eval > 0:
-        test = load_task_split(cfg, task, "test", n_eval)
-        report["metric"] = test[0]["metric"]
-        report["eval_examples"] = len(test)
-        report["adapter"] = score(model, tokenizer, test, cfg.adapter.eval, max_length)
-        with model.disable_adapter():
-            report["base"] = score(model, tokenizer, test, cfg.adapter.eval, max_length)
-        report["beats_base"] = report["adapter"]["score"] > report["base"]["score"]
     validate_adapter(out, model.unload())
     shutil.rmtree(Path(cfg.paths.artifacts) / "checkpoints" / "adapters" / task, ignore_errors=True)
     return report
@@ -147,22 +114,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     source = adapter_source(cfg)
     out = Path(cfg.paths.artifacts) / "adapters" / args.task
     params = {"task": args.task, "seed": cfg.seed, "model": cfg.model.name, "source": source,
-              "lora": cfg.adapter.lora, "train": cfg.adapter.train, "eval": cfg.adapter.eval}
-    with start_run(cfg, f"adapters@{args.task}", params):
-        mlflow.set_tag("task", args.task)
+              "lora": cfg.adapter.lora, "train": cfg.adapter.train}
+    with stage_run(cfg, f"adapters@{args.task}", params, tags={"task": args.task}) as run:
         start = time.perf_counter()
         report = train_adapter(cfg, args.task, out) if source == "train" else hub_adapter(cfg, args.task, out)
         report["seconds"] = round(time.perf_counter() - start, 1)
-        path = write_json(Path(cfg.paths.reports) / "adapters" / f"{args.task}.json", report)
-        mlflow.log_metric("seconds", report["seconds"])
-        for side in ("base", "adapter"):
-            if side in report:
-                mlflow.log_metric(f"{side}_score", report[side]["score"])
-        mlflow.log_artifact(str(path))
-        mlflow.set_tag("outputs", str(out))
-    scores = (f"; score base {report['base']['score']:.1f} -> adapter {report['adapter']['score']:.1f}"
-              if "adapter" in report else "")
-    print(f"adapter {args.task} ({source}) in {report['seconds']} s -> {out}{scores}")
+        run.write_json(Path(cfg.paths.reports) / "adapters" / "train" / f"{args.task}.json", report)
+        run.output(out)
+    print(f"adapter {args.task} ({source}) in {report['seconds']} s -> {out}")
 
 
 if __name__ == "__main__":

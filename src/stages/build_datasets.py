@@ -13,11 +13,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stages.common import ConfigError, load_config, seed_everything, shared_root, start_run, write_json, write_jsonl
+from stages.common import ConfigError, load_config, seed_everything, shared_root, stage_run, write_jsonl
 from stages.data import (
     build_composite,
     check_leakage,
@@ -142,7 +141,8 @@ def build(cfg: DictConfig) -> dict:
         "tasks": summary,
         "composites": {name: {"tasks": composites[name][0], "paper_tasks": composites[name][1],
                               "samples": len(records),
-                              "mean_input_chars": round(sum(len(r["input"]) for r in records) / max(len(records), 1), 1)}
+                              "mean_input_chars": round(sum(len(r["input"]) for r in records) / max(len(records), 1),
+                                                        1)}
                        for name, records in built.items()},
         "substitutes": dict(cfg.tasks.get("substitutes") or {}),
         "leakage_check": "passed",
@@ -153,16 +153,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(argv)
     seed_everything(int(cfg.seed))
     params = {"seed": cfg.seed, "tasks": {k: cfg.tasks[k] for k in ("profile", "names", "split", "substitutes")}}
-    with start_run(cfg, "build_datasets", params):
+    with stage_run(cfg, "build_datasets", params) as run:
         start = time.perf_counter()
         summary = build(cfg)
         summary["seconds"] = round(time.perf_counter() - start, 1)
-        path = write_json(Path(cfg.paths.reports) / "datasets.json", summary)
-        for task, s in summary["tasks"].items():
-            mlflow.log_metrics({f"{task}.train": s["train"], f"{task}.test": s["test"]})
-        mlflow.log_metric("seconds", summary["seconds"])
-        mlflow.log_artifact(str(path))
-        mlflow.set_tag("outputs", f"{cfg.paths.data}/tasks, {cfg.paths.data}/composite")
+        run.log_metrics({task: {"train": s["train"], "test": s["test"]} for task, s in summary["tasks"].items()})
+        run.output(Path(cfg.paths.data) / "tasks")
+        run.output(Path(cfg.paths.data) / "composite")
+        run.write_json(Path(cfg.paths.reports) / "datasets.json", summary)
     print(f"built {len(summary['tasks'])} tasks and {len(summary['composites'])} composites "
           f"in {summary['seconds']} s -> {cfg.paths.data}/tasks, {cfg.paths.data}/composite")
 

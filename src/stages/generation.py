@@ -23,7 +23,7 @@ def greedy_generate(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[str],
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
     on_batch: Callable[[list[int]], None] | None = None,
@@ -31,7 +31,8 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations of `prompts`, decoded without special tokens, in the input order.
 
-    Prompts are sorted by length so that each batch of `batch_size` pads little; prompts longer than
+    `max_new_tokens`: one budget for all prompts or one per prompt. Prompts are grouped by budget and
+    sorted by length within it, so that each batch of `batch_size` shares a budget and pads little; prompts longer than
     `max_prompt_tokens` keep their last tokens (the end holds the question and "[/INST]").
     `on_batch(indices)` is called before each batch with the indices (into `prompts`) of its rows.
     `adapter_names` (a PEFT model with several LoRAs loaded): each prompt's adapter, applied per row by
@@ -41,11 +42,16 @@ def greedy_generate(
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     if max_prompt_tokens:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    budgets = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} decoding budgets for {len(prompts)} prompts")
+    batches = []
+    for budget in sorted(set(budgets)):
+        group = sorted((i for i in range(len(prompts)) if budgets[i] == budget), key=lambda i: -len(encoded[i]))
+        batches += [group[s:s + batch_size] for s in range(0, len(group), batch_size)]
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in batches:
         if on_batch is not None:
             on_batch(chunk)
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt")
@@ -54,7 +60,7 @@ def greedy_generate(
             batch["adapter_names"] = [adapter_names[i] for i in chunk]
         generated = model.generate(
             **batch,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budgets[chunk[0]],
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -82,7 +88,9 @@ def sharded_generate(
         rows = [i for i, _ in part]
         local_on_batch = None if on_batch is None else (lambda chunk: on_batch([rows[j] for j in chunk]))
         names = None if adapter_names is None else [adapter_names[i] for i in rows]
-        return greedy_generate(model, tokenizer, [p for _, p in part], *args, on_batch=local_on_batch,
+        budget, *rest = args
+        budget = budget if isinstance(budget, int) else [budget[i] for i in rows]
+        return greedy_generate(model, tokenizer, [p for _, p in part], budget, *rest, on_batch=local_on_batch,
                                adapter_names=names)
 
     return map_sharded(run, list(enumerate(prompts)))

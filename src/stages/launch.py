@@ -42,7 +42,7 @@ class TrainerSettings:
     gradient_accumulation: int = 1       # micro-batches per step on every rank (gate.batch_size is global)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "TrainerSettings":
+    def from_config(cls, cfg: DictConfig) -> TrainerSettings:
         trainer = OmegaConf.select(cfg, "trainer", default=None)
         values = OmegaConf.to_container(trainer, resolve=True) if trainer is not None else {}
         unknown = sorted(set(values) - {f.name for f in fields(cls)})

@@ -10,13 +10,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 from omegaconf import DictConfig
 
 from meteora.adapters import validate_adapter
-from stages.adapters import DTYPES, adapter_source, fetch_paper_folder, meta_base, save_peft
+from stages.adapters import adapter_source, fetch_paper_folder, meta_base, save_peft
+from stages.common import device, load_config, seed_everything, set_threads, stage_run, torch_dtype
 from stages.setup import load_task_split
-from stages.common import device, load_config, seed_everything, set_threads, start_run, write_json
 from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
 
 
@@ -24,7 +23,7 @@ def train_lora_b(cfg: DictConfig, out: Path) -> dict:
     """Train LoRA-B on the task mixture, save and validate it; returns the report."""
     seed = int(cfg.seed)
     seed_everything(seed)
-    base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", DTYPES[str(cfg.model.dtype)], device())
+    base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", torch_dtype(str(cfg.model.dtype)), device())
     max_length = int(cfg.model.max_length)
     per_task = int(cfg.adapter.lora_b.samples_per_task)
     counts, data = {}, []
@@ -51,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(cfg.paths.artifacts) / "lora_b"
     params = {"seed": cfg.seed, "model": cfg.model.name, "source": source, "tasks": cfg.tasks.names,
               "lora": cfg.adapter.lora, "lora_b": cfg.adapter.lora_b}
-    with start_run(cfg, "lora_b", params):
+    with stage_run(cfg, "lora_b", params) as run:
         start = time.perf_counter()
         if source == "train":
             report = train_lora_b(cfg, out)
@@ -61,10 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             validate_adapter(out, meta_base(cfg))
             report = {"source": "hub", "repo_id": str(cfg.model.paper_adapters.repo_id), "folder": folder}
         report["seconds"] = round(time.perf_counter() - start, 1)
-        path = write_json(Path(cfg.paths.reports) / "lora_b.json", report)
-        mlflow.log_metric("seconds", report["seconds"])
-        mlflow.log_artifact(str(path))
-        mlflow.set_tag("outputs", str(out))
+        run.write_json(Path(cfg.paths.reports) / "lora_b.json", report)
+        run.output(out)
     print(f"lora_b ({source}) in {report['seconds']} s -> {out}")
 
 

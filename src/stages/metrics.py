@@ -65,17 +65,21 @@ def score_task(
     """Score one task's predictions; returns {"score": primary score, ...metric-specific keys}.
 
     metric is "exact_match", "contains" (accuracy) or "generation" (BLEU and ROUGE-L, primary ROUGE-L).
+    "per_example" holds every example's primary score (n,), what the bootstrap intervals resample
+    (BLEU is a corpus score: it has none).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = len(predictions)
     if metric == "exact_match" or metric == "contains":
         fn = exact_match if metric == "exact_match" else answer_contained
-        acc = sum(fn(p, t) for p, t in zip(predictions, references)) / max(n, 1)
-        return {"score": acc, "accuracy": acc, "n": n}
+        scores = [fn(p, t) for p, t in zip(predictions, references)]
+        acc = sum(scores) / max(n, 1)
+        return {"score": acc, "accuracy": acc, "n": n, "per_example": scores}
     if metric == "generation":
-        rl = sum(rouge_l(p, t) for p, t in zip(predictions, references)) / max(n, 1)
-        return {"score": rl, "rouge_l": rl, "bleu": bleu(predictions, references), "n": n}
+        scores = [rouge_l(p, t) for p, t in zip(predictions, references)]
+        rl = sum(scores) / max(n, 1)
+        return {"score": rl, "rouge_l": rl, "bleu": bleu(predictions, references), "n": n, "per_example": scores}
     raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 

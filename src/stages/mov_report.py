@@ -6,6 +6,7 @@
 * reports/figures/mov_routing.png: soft vs top-1 vs top-2, token vs sentence routing.
 * reports/figures/mov_specialisation.png: average routing probability of each expert per task in one
   module of the last block (the paper's Figure 5).
+* reports/figures/mov_blocks.png: average routing probability of each expert per decoder block.
 
 Other result files in reports/mov/ (e.g. `h100_bigbench22.json`, a GPU run) get the same outputs with
 their name as suffix. Called by the report stage (:func:`write_all`) or by hand: `python -m stages.mov_report`.
@@ -19,11 +20,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from stages.common import load_config, read_json  # noqa: E402
-from stages.figures import markdown_table  # noqa: E402
+from stages.common import load_config, read_json
+from stages.figures import markdown_table
 
 # Zadouri et al. 2023, T5-3B, average median accuracy over the 8 held-out tasks (as the mission quotes them).
 PAPER_T5_3B = {"full fine-tuning": 60.06, "(IA)3": 52.90, "MoV-10": 59.93, "MoV-30": 60.61,
@@ -40,35 +41,72 @@ def _variant(entry: Mapping) -> tuple[str, int, str, str]:
     return c["kind"], c["num_experts"], c["routing"], c["router_input"]
 
 
+def _ci(ci: Mapping | None) -> str | None:
+    return None if not ci else f"{ci['estimate']:.1f} [{ci['low']:.1f}, {ci['high']:.1f}]"
+
+
 def table1(results: Mapping) -> str:
     heldout = results["heldout_tasks"]
-    headers = ["method", "% params updated", "trainable params", "held-out average", *heldout,
+    headers = ["method", "% params updated", "trainable params", "held-out average [95% CI]", *heldout,
                "held-out tasks answered by one constant choice", "training tasks (test) average", "paper T5-3B held-out"]
     rows = []
     for e in results["methods"]:
         shares = [(e["heldout"].get(t) or {}).get("top_prediction_share") for t in heldout]
         constant = None if None in shares else f"{sum(v >= 100.0 for v in shares)} / {len(shares)}"
-        rows.append([e["label"], e["percent"], e["trainable"], e["heldout_average"],
+        rows.append([e["label"], e["percent"], e["trainable"], _ci(e.get("heldout_interval")) or e["heldout_average"],
                      *[(e["heldout"].get(t) or {}).get("score") for t in heldout], constant, e["train_average"],
                      PAPER_T5_3B.get(e["label"])])
-    for name in ("chance", "majority"):
-        base = results.get("heldout_baselines", {})
+    base = results.get("heldout_baselines", {})
+    names = {"chance": "uniform guess", "majority": "constant majority label",
+             "majority_position": "constant most frequent gold position"}
+    for name, text in names.items():
         if base:
             values = [base.get(t, {}).get(name) for t in heldout]
             mean = sum(values) / len(values) if None not in values else None
-            rows.append([f"({'uniform guess' if name == 'chance' else 'constant majority label'})", None, None,
-                         mean, *values, None, None, None])
-    train = results["train"]
+            rows.append([f"({text})", None, None, mean, *values, None, None, None])
+    train, ev = results["train"], results["eval"]
+    splits = "+".join(ev.get("heldout_splits", ["test"]))
+    sizes = ", ".join(f"{t} {(results['methods'][0]['heldout'].get(t) or {}).get('n', '?')}" for t in heldout) \
+        if results["methods"] else ""
     note = (
         f"**MoV / MoLoRA, Table 1 layout.** {results['model']}, trained on {len(results['train_tasks'])} tasks "
         f"({', '.join(results['train_tasks'])}) for {train['steps']} steps of {train['batch_size']} sequences of "
-        f"<= {train['max_length']} tokens; zero-shot on the held-out tasks ({', '.join(heldout)}), "
-        f"<= {results['eval']['max_test_per_task']} test examples each, rank classification over the answer choices. "
-        "Scores 0-100; the last two rows are what a uniform guess and a constant answer of the most frequent label score (label-set tasks only). "
-        "The paper column is T5-3B after 500K steps (average median accuracy over 8 held-out "
-        "T0 tasks): a reference for the ordering, not a comparable number.\n\n"
+        f"<= {train['max_length']} tokens; zero-shot on the held-out tasks ({splits} splits, examples: {sizes}), "
+        "rank classification over the answer choices. Scores 0-100 with the 95% percentile-bootstrap interval "
+        "over examples; the last rows are what a uniform guess, a constant label (label-set tasks only) and "
+        "a constant answer position score. The paper column is T5-3B after 500K steps (average median accuracy "
+        "over 8 held-out T0 tasks): a reference for the ordering, not a comparable number.\n\n"
     )
-    return note + markdown_table(headers, rows)
+    return note + markdown_table(headers, rows) + "\n\n" + comparisons_table(results) + "\n\n" + routing_table(results)
+
+
+def comparisons_table(results: Mapping) -> str:
+    """Paired differences of the held-out average (same examples), with their 95% intervals."""
+    rows = [[c["label"], c["estimate"], c["low"], c["high"], "yes" if c["excludes_zero"] else "no"]
+            for c in results.get("comparisons", [])]
+    head = "**Paired differences, held-out average (A - B, points; 95% paired bootstrap over the same examples).**\n\n"
+    return head + markdown_table(["A - B", "difference", "low", "high", "interval excludes 0"], rows)
+
+
+def routing_table(results: Mapping) -> str:
+    """Per routed method: router entropy (normalised by log E) in the first, middle and last blocks, and
+    the largest expert load of the last block (1/E = balanced, 1 = collapsed)."""
+    rows = []
+    for e in results["methods"]:
+        block = (e.get("routing") or {}).get("per_block")
+        if not block or not block["load"]:
+            continue
+        experts = len(block["load"][0])
+        norm = [h / np.log(experts) for h in block["entropy"]]
+        picks = sorted({0, len(norm) // 2, len(norm) - 1})
+        rows.append([e["label"], experts, *[norm[i] for i in picks][:3], max(block["load"][-1]), max(block["top1"][-1]),
+                     e.get("router_aux_loss_last")])
+    head = ("**Routing, all eval tokens.** Router entropy / log E in the first, middle and last decoder blocks "
+            "(1 = uniform, 0 = one expert per token); the last block's largest mean expert probability and "
+            "largest share of tokens whose best expert it is (1/E = balanced load, 1 = collapse); the summed "
+            "auxiliary router loss of the last training step.\n\n")
+    return head + markdown_table(["method", "experts", "entropy first", "entropy middle", "entropy last",
+                                  "max load last", "max top-1 share last", "router aux loss"], rows)
 
 
 def experts_figure(results: Mapping, path: Path) -> None:
@@ -127,7 +165,7 @@ def routing_figure(results: Mapping, path: Path) -> None:
 
 def specialisation_figure(results: Mapping, path: Path, max_panels: int = 4) -> None:
     """Average routing probability per (task, expert) in the recorded module, one panel per routed method."""
-    routed = [e for e in results["methods"] if e.get("routing")][:max_panels]
+    routed = [e for e in results["methods"] if (e.get("routing") or {}).get("per_task")][:max_panels]
     tasks = list(results["train_tasks"]) + list(results["heldout_tasks"])
     widths = [max(2.0, 0.45 * len(e["routing"]["per_task"][next(iter(e["routing"]["per_task"]))])) for e in routed]
     fig, axes = plt.subplots(1, max(len(routed), 1), figsize=(sum(widths) + 3.5 * max(len(routed), 1), 0.3 * len(tasks) + 1.8),
@@ -154,17 +192,35 @@ def specialisation_figure(results: Mapping, path: Path, max_panels: int = 4) -> 
     _save(fig, path)
 
 
+def blocks_figure(results: Mapping, path: Path, max_panels: int = 6) -> None:
+    """Mean routing probability of each expert per decoder block (all eval tokens), one panel per routed method."""
+    routed = [e for e in results["methods"] if (e.get("routing") or {}).get("per_block", {}).get("load")][:max_panels]
+    fig, axes = plt.subplots(1, max(len(routed), 1), figsize=(2.6 * max(len(routed), 1) + 1, 4.5), squeeze=False)
+    for ax, e in zip(axes[0], routed):
+        grid = np.asarray(e["routing"]["per_block"]["load"])
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("decoder block")
+        ax.set_title(e["label"], fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.05)
+    if not routed:
+        axes[0][0].text(0.5, 0.5, "no routed method in this run", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    _save(fig, path)
+
+
 def write_mov_report(results: Mapping, tables_dir: Path, figures_dir: Path, tag: str = "") -> list[Path]:
-    """Write the table and the three figures (names suffixed with `_tag` if given); returns their paths."""
+    """Write the table and the four figures (names suffixed with `_tag` if given); returns their paths."""
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{tag}" if tag else ""
     table = tables_dir / f"mov_table1{suffix}.md"
     table.write_text(table1(results), encoding="utf-8")
-    figures = [figures_dir / f"mov_{name}{suffix}.png" for name in ("experts", "routing", "specialisation")]
+    figures = [figures_dir / f"mov_{name}{suffix}.png" for name in ("experts", "routing", "specialisation", "blocks")]
     experts_figure(results, figures[0])
     routing_figure(results, figures[1])
     specialisation_figure(results, figures[2])
+    blocks_figure(results, figures[3])
     return [table, *figures]
 
 

@@ -12,20 +12,17 @@ model.source:
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stages.common import ConfigError, load_config, seed_everything, set_threads, start_run, write_json
+from meteora.io import atomic_directory
+from stages.common import ConfigError, load_config, seed_everything, set_threads, stage_run, torch_dtype, write_json
 from stages.hub import download
 
 SOURCE_FILE = "meteora_source.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelSourceError(FileNotFoundError):
@@ -34,12 +31,6 @@ class ModelSourceError(FileNotFoundError):
 
 def model_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.artifacts) / "model"
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def gguf_path(package: str, file: str) -> Path:
@@ -114,25 +105,21 @@ def prepare(cfg: DictConfig) -> dict:
     source = str(cfg.model.source)
     if source not in builders:
         raise ConfigError(f"model.source {source!r} is not one of {sorted(builders)}")
-    out = model_dir(cfg)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    record = {"name": str(cfg.model.name), **builders[source](cfg, out)}
-    write_json(out / SOURCE_FILE, record)
+    with atomic_directory(model_dir(cfg)) as out:
+        record = {"name": str(cfg.model.name), **builders[source](cfg, out)}
+        write_json(out / SOURCE_FILE, record)
     return record
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(argv)
     set_threads(cfg)
-    with start_run(cfg, "prepare_model", {"seed": cfg.seed, "model": cfg.model}):
+    with stage_run(cfg, "prepare_model", {"seed": cfg.seed, "model": cfg.model}) as run:
         start = time.perf_counter()
         record = prepare(cfg)
         seconds = time.perf_counter() - start
-        mlflow.log_metric("seconds", seconds)
-        if "parameters" in record:
-            mlflow.log_metric("parameters", record["parameters"])
-        mlflow.set_tag("outputs", str(model_dir(cfg)))
+        run.log_metrics({"parameters": record.get("parameters")})
+        run.output(model_dir(cfg))
     print(f"prepared {record['name']} ({record['source']}) in {seconds:.1f} s -> {model_dir(cfg)}")
 
 

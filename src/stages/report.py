@@ -30,12 +30,30 @@ def label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+def with_interval(ci: dict | None, value: float | None = None) -> str | float | None:
+    """"39.30 [35.10, 43.00]" from an interval dict of :mod:`stages.stats`; the bare value without one."""
+    if ci is None:
+        return value
+    return f"{ci['estimate']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]"
+
+
 def table1(results: dict) -> str:
-    rows = [[label(m), r["average"], r["accuracy"], r["bleu"], r["rouge_l"]] for m, r in results["table1"].items()]
+    intervals = results.get("intervals", {})
+    rows = [[label(m), with_interval(intervals.get("table1", {}).get(m), r["average"]), r["accuracy"], r["bleu"],
+             r["rouge_l"]] for m, r in results["table1"].items()]
     n = len(results["profile"]["tasks"])
-    return (f"**Table 1.** Average over the {n} tasks (primary score: accuracy, or ROUGE-L F1 for generative "
-            "tasks; accuracy averaged over the classification tasks, BLEU / ROUGE-L over the generative ones).\n\n"
-            + markdown_table(["method", "average", "accuracy", "BLEU", "ROUGE-L"], rows))
+    text = (f"**Table 1.** Average over the {n} tasks (primary score: accuracy, or ROUGE-L F1 for generative "
+            "tasks, with its 95% bootstrap interval over the test examples; accuracy averaged over the "
+            "classification tasks, BLEU / ROUGE-L over the generative ones).\n\n"
+            + markdown_table(["method", "average [95% CI]", "accuracy", "BLEU", "ROUGE-L"], rows))
+    claims = intervals.get("paired", {})
+    if claims:
+        text += ("\nPaired differences over the same test examples (95% bootstrap interval; a claim holds "
+                 "where the interval excludes 0).\n\n")
+        text += markdown_table(["difference", "estimate [95% CI]", "holds"], [
+            [" - ".join(label(x) for x in key.split("-")), with_interval(ci),
+             "yes" if ci["low"] > 0 or ci["high"] < 0 else "no"] for key, ci in claims.items()])
+    return text
 
 
 def per_task_table(results: dict) -> str:
@@ -44,7 +62,9 @@ def per_task_table(results: dict) -> str:
     rows = []
     for task in results["profile"]["tasks"]:
         metric = results["metric_per_task"][task]
-        rows.append([task, metric, *[results["per_task"][m][task]["score"] for m in methods],
+        cis = results.get("intervals", {}).get("per_task", {})
+        rows.append([task, metric, *[with_interval(cis.get(m, {}).get(task), results["per_task"][m][task]["score"])
+                                     for m in methods],
                      100 * routing[task] if task in routing else None])
     return ("**Per task.** Primary score per method; routing = MeteoRA's top-1 routing accuracy (%) on the "
             "task's test set.\n\n" + markdown_table(["task", "metric", *map(label, methods), "routing"], rows))
@@ -57,7 +77,7 @@ def table2(results: dict) -> str:
         for task in comp["tasks"]:
             rows.append([name, task, *[comp[m]["subtasks"][task]["score"] for m in methods]])
         rows.append([name, "**average**", *[comp[m]["average"] for m in methods]])
-        rows.append([name, "attempted (of %d)" % len(comp["tasks"]), *[comp[m]["attempted"] for m in methods]])
+        rows.append([name, f"attempted (of {len(comp['tasks'])})", *[comp[m]["attempted"] for m in methods]])
     return ("**Table 2.** Composite-n: n questions of n tasks in one prompt, answered as a numbered list; "
             "per sub-task score, average and mean number of sub-questions attempted.\n\n"
             + markdown_table(["set", "sub-task", "MeteoRA", "LoRA-B"], rows))
@@ -79,7 +99,7 @@ def routing_table(results: dict, train: dict | None) -> str:
         final = train.get("final", {})
         text += (f"\nGate training: {train.get('steps_run')} steps in {train.get('time_s')} s "
                  f"({train.get('tokens_per_s')} tokens/s); final LM loss {final.get('lm_loss', float('nan')):.3f}, "
-                 f"gate CE per gate {final.get('gate_loss_per_gate', float('nan')):.3f}, training routing accuracy "
+                 f"gate CE (mean over gates and tokens) {final.get('gate_loss', float('nan')):.3f}, training routing accuracy "
                  f"{100 * final.get('routing_accuracy', float('nan')):.1f}%.\n")
     return text
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meteora import MeteoRAModel, attach_meteora
-from stages.common import ConfigError, device, read_jsonl
+from stages.common import ConfigError, device, read_jsonl, torch_dtype
 from stages.generation import prepare_tokenizer
 
 
@@ -19,14 +18,21 @@ def task_list(cfg: DictConfig) -> list[str]:
 
 
 def selected_tasks(cfg: DictConfig) -> list[str]:
-    """The tasks MeteoRA is built from: all of them, or the first `gate.num_adapters` (adapter-count sweep)."""
+    """The tasks MeteoRA is built from: all of them, or the first `meteora.num_adapters` (adapter-count sweep)."""
     tasks = task_list(cfg)
-    n = cfg.gate.get("num_adapters")
+    n = cfg.meteora.get("num_adapters")
     if n is None:
         return tasks
     if not 1 <= int(n) <= len(tasks):
-        raise ConfigError(f"gate.num_adapters={n} must be between 1 and the {len(tasks)} tasks of the profile")
+        raise ConfigError(f"meteora.num_adapters={n} must be between 1 and the {len(tasks)} tasks of the profile")
     return tasks[: int(n)]
+
+
+def check_top_k(top_k: int, num_adapters: int, setting: str) -> None:
+    """A top-k that cannot be routed (more experts than adapters) is an error naming the setting, never clamped."""
+    if not 1 <= int(top_k) <= num_adapters:
+        raise ConfigError(f"{setting}={top_k} must be between 1 and the {num_adapters} adapters of this run "
+                          "(tasks.names, meteora.num_adapters)")
 
 
 def load_task_split(cfg: DictConfig, task: str, split: str, limit: int | None = None) -> list[dict]:
@@ -55,7 +61,7 @@ def load_base(cfg: DictConfig):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no base model in {path} (run the prepare_model stage)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    dtype = getattr(torch, str(cfg.model.get("dtype", "float32")))
+    dtype = torch_dtype(str(cfg.model.get("dtype", "float32")))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device()).eval()
     return model, tokenizer
 
@@ -64,6 +70,7 @@ def build_meteora(cfg: DictConfig, tasks: list[str], top_k: int, temperature: fl
     """The base model with the tasks' adapters embedded (in `tasks` order) and fresh gates."""
     model, tokenizer = load_base(cfg)
     adapters = {task: adapter_dir(cfg, task) for task in tasks}
-    meteora = attach_meteora(model, adapters, top_k=min(top_k, len(tasks)), temperature=temperature,
-                             strategy=str(cfg.gate.get("strategy", "auto")))
+    check_top_k(top_k, len(tasks), "meteora.top_k")
+    meteora = attach_meteora(model, adapters, top_k=top_k, temperature=temperature,
+                             strategy=str(cfg.meteora.strategy))
     return meteora, tokenizer

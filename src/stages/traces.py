@@ -16,7 +16,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _ITEM_START = re.compile(r"\s*(\d{1,2})[.)](\s|$)")
 
 
-class RoutingRecorder:
+class Top1RoutingRecorder:
     """A forward hook on the LM inside a :class:`MeteoRAModel`, used as a context manager around
     :func:`stages.generation.greedy_generate` (pass ``on_batch=recorder.set_rows``).
 
@@ -44,7 +44,7 @@ class RoutingRecorder:
     def set_rows(self, rows: Sequence[int]) -> None:
         self.rows = list(rows)
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> Top1RoutingRecorder:
         self.model.keep_routing(True)
         self._handle = self.model.model.register_forward_hook(self._hook, with_kwargs=True)
         return self
@@ -104,7 +104,7 @@ def answer_trace(
     each adapter, the majority adapter, where each sub-answer starts, and per sub-task the share of its
     tokens whose majority adapter is that sub-task's.
 
-    token_ids/shares: as recorded by :class:`RoutingRecorder` (cut at the first EOS or padding here).
+    token_ids/shares: as recorded by :class:`Top1RoutingRecorder` (cut at the first EOS or padding here).
     """
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     length = next((i for i, t in enumerate(token_ids) if t in stop), len(token_ids))

@@ -15,7 +15,6 @@ run resumes on any number of devices; only rank 0 logs to MLflow and writes file
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -34,11 +33,24 @@ from transformers import get_scheduler
 
 from meteora import MeteoRAModel
 from meteora.distributed import (
-    DistInfo, all_reduce_sum, destroy_distributed, full_gate_state, full_optimizer_state, gradient_sync,
-    is_main_process, load_full_gate_state, load_full_optimizer_state, local_value, rank, save_gates,
-    shard_indices, world_size, wrap_for_training,
+    DistInfo,
+    all_reduce_sum,
+    destroy_distributed,
+    full_gate_state,
+    full_optimizer_state,
+    gradient_sync,
+    is_main_process,
+    load_full_gate_state,
+    load_full_optimizer_state,
+    local_value,
+    rank,
+    save_gates,
+    shard_indices,
+    world_size,
+    wrap_for_training,
 )
-from stages.common import load_config, seed_everything, set_threads, start_run, write_json
+from meteora.io import atomic_write
+from stages.common import load_config, seed_everything, set_threads, stage_run
 from stages.launch import TrainerSettings, setup_distributed, trainer_summary
 from stages.setup import build_meteora, load_task_split, selected_tasks
 from stages.training import IGNORE, Encoded, collate, encode
@@ -47,7 +59,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the last good state is on disk."""
+    """The training loss or the gradients became NaN or infinite; the last good state is on disk."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A training checkpoint on disk belongs to another configuration; it is never overwritten silently."""
 
 
 @dataclass
@@ -68,7 +84,7 @@ class GateSettings:
     checkpoint_every: int = 50
 
     @classmethod
-    def from_config(cls, gate: DictConfig, seed: int) -> "GateSettings":
+    def from_config(cls, gate: DictConfig, seed: int) -> GateSettings:
         names = cls.__dataclass_fields__
         values = {k: v for k, v in OmegaConf.to_container(gate, resolve=True).items() if k in names and k != "seed"}
         return cls(**values, seed=seed)
@@ -112,15 +128,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor)
 
 def local_gate_loss(model: MeteoRAModel, inputs: dict[str, torch.Tensor], task_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
-    """The gate cross-entropy of `model.gate_loss` (summed over gates, mean over non-padding tokens), with
-    every gate's logits recomputed from its recorded, detached input: gradients reach each gate from its
-    own cross-entropy only. inputs: module name -> (B, T, d_in); task_ids (B,); attention_mask (B, T)."""
+    """The gate objective of `model.gate_loss` (one cross-entropy over all gates' logits concatenated: the
+    mean over gates and non-padding tokens), with every gate's logits recomputed from its recorded,
+    detached input: gradients reach each gate from its own cross-entropy only.
+    inputs: module name -> (B, T, d_in); task_ids (B,); attention_mask (B, T)."""
     targets = task_ids[:, None].expand(attention_mask.shape).masked_fill(attention_mask == 0, IGNORE).flatten()
     layers = model.meteora_layers()
-    return sum(
-        F.cross_entropy((x @ layers[name].gate.weight.to(x.dtype).T).flatten(0, 1).float(), targets, ignore_index=IGNORE)
-        for name, x in inputs.items()
-    )
+    logits = torch.cat([(x @ layers[name].gate.weight.to(x.dtype).T).flatten(0, 1).float() for name, x in inputs.items()])
+    return F.cross_entropy(logits, targets.repeat(len(inputs)), ignore_index=IGNORE)
 
 
 class GateTrainer:
@@ -190,20 +205,23 @@ class GateTrainer:
         }
         if not is_main_process():
             return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def try_resume(self) -> bool:
         """Load the checkpoint if there is one for this very run (same fingerprint); True if resumed."""
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign file: torch raises several kinds
+            raise CheckpointMismatchError(
+                f"train_gates: cannot read the training checkpoint {self.checkpoint_path} ({type(err).__name__}: "
+                f"{err}); delete it to train from scratch, or set gate.resume=false") from err
         if state.get("fingerprint") != self.fingerprint:
-            if is_main_process():
-                print(f"train_gates: ignoring {self.checkpoint_path}: it belongs to another configuration")
-            return False
+            raise CheckpointMismatchError(
+                f"train_gates: {self.checkpoint_path} was written under another configuration (fingerprint "
+                f"{state.get('fingerprint')!r}, this run {self.fingerprint!r}: gate, meteora, tasks, model or seed "
+                "differ); delete it, or set gate.resume=false to train from scratch and replace it")
         load_full_gate_state(self.model, state["gates"])
         load_full_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -266,12 +284,21 @@ class GateTrainer:
         lm_value, gate_value, accuracy_value = totals[:3]
         per_layer = dict(zip(layer_sums, totals[3:]))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        grad_norm = float(local_value(grad_norm))
+        if all_reduce_sum([float(math.isfinite(grad_norm))])[0] != world:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"train_gates: non-finite gradient norm at step {self.step + 1} (loss finite: lm={lm_value}, "
+                f"gate={gate_value}); the gates were not updated and the last good state (step {self.step}) is "
+                f"saved in {self.checkpoint_path}. Lower gate.lr, use trainer.mixed_precision=fp32, or check the "
+                "adapters for huge weights.")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return {
             "loss": lm_value + self.settings.lambda_gate * gate_value, "lm_loss": lm_value, "gate_loss": gate_value,
-            "gate_loss_per_gate": gate_value / len(self.params), "grad_norm": float(local_value(grad_norm)),
+            "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0], "routing_accuracy": accuracy_value,
             "tokens": int(gate_tokens),
             **{f"routing_accuracy_layer_{layer:02d}": acc for layer, acc in per_layer.items()},
@@ -300,7 +327,7 @@ class GateTrainer:
                 while self.step < s.steps:
                     metrics = self.train_step()
                     bar.update(1)
-                    bar.set_postfix(lm=f"{metrics['lm_loss']:.3f}", gate=f"{metrics['gate_loss_per_gate']:.3f}",
+                    bar.set_postfix(lm=f"{metrics['lm_loss']:.3f}", gate=f"{metrics['gate_loss']:.3f}",
                                     acc=f"{metrics['routing_accuracy']:.3f}")
                     if self.step % s.log_every == 0 or self.step == s.steps:
                         self.history.append({"step": self.step, **metrics})
@@ -315,7 +342,8 @@ class GateTrainer:
 
 def fingerprint(cfg: DictConfig, tasks: Sequence[str]) -> str:
     """Identity of a training run: the gate settings, the tasks (adapter order), model and seed."""
-    key = {"gate": OmegaConf.to_container(cfg.gate, resolve=True), "tasks": list(tasks),
+    key = {"gate": OmegaConf.to_container(cfg.gate, resolve=True),
+           "meteora": OmegaConf.to_container(cfg.meteora, resolve=True), "tasks": list(tasks),
            "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -334,21 +362,19 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
     seed_everything(int(cfg.seed))
     set_threads(cfg)
     tasks = selected_tasks(cfg)
-    model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.gate.top_k), temperature=float(cfg.gate.temperature))
+    model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.meteora.top_k),
+                                     temperature=float(cfg.meteora.temperature))
     forward_module = wrap_for_training(model, engine.engine, engine.mixed_precision, engine.gradient_checkpointing, info.device)
     records = [(i, r) for i, task in enumerate(tasks) for r in load_task_split(cfg, task, "train", cfg.gate.samples_per_task)]
     examples = [encode(tokenizer, r["input"], r["target"], int(cfg.gate.max_length)) for _, r in records]
     settings = GateSettings.from_config(cfg.gate, int(cfg.seed))
     artifacts = Path(cfg.paths.artifacts)
-    main_process = is_main_process()
-    run_context = start_run(cfg, "train_gates", params={"gate": cfg.gate, "tasks": list(tasks), "trainer": cfg.get("trainer")})
-    with run_context if main_process else contextlib.nullcontext() as run:
-        import mlflow
-
+    with stage_run(cfg, "train_gates", params={"gate": cfg.gate, "meteora": cfg.meteora, "tasks": list(tasks),
+                                                "trainer": cfg.trainer}) as run:
         trainer = GateTrainer(
             model, examples, [i for i, _ in records], settings, artifacts / "checkpoints" / "gates",
             tokenizer.pad_token_id, balance=bool(cfg.gate.balance), fingerprint=fingerprint(cfg, tasks),
-            log_fn=(lambda metrics, step: mlflow.log_metrics(metrics, step=step)) if main_process else None,
+            log_fn=lambda metrics, step: run.log_metrics(metrics, step=step),
             forward_module=forward_module, gradient_accumulation=engine.gradient_accumulation,
         )
         if cfg.gate.resume:
@@ -357,9 +383,9 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
         history = trainer.fit()
         elapsed = time.perf_counter() - start
         save_gates(model, artifacts / "gates")
-        if not main_process:
+        if not is_main_process():
             return
-        mlflow.log_param("gates_dir", str(artifacts / "gates"))
+        run.output(artifacts / "gates")
         final = history[-1] if history else {}
         tokens = sum(len(examples[i].input_ids) for i in trainer.schedule[first_step:].flatten())
         summary = {
@@ -369,14 +395,15 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
             "steps_run": trainer.step - first_step,
             "time_s": round(elapsed, 1),
             "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-            "final": {k: final.get(k) for k in ("lm_loss", "gate_loss", "gate_loss_per_gate", "routing_accuracy")},
-            "per_layer_routing_accuracy": {k.rsplit("_", 1)[-1]: v for k, v in final.items() if k.startswith("routing_accuracy_layer_")},
+            "final": {k: final.get(k) for k in ("lm_loss", "gate_loss", "routing_accuracy")},
+            "per_layer_routing_accuracy": {k.rsplit("_", 1)[-1]: v for k, v in final.items()
+                                           if k.startswith("routing_accuracy_layer_")},
             "trainer": trainer_summary(engine, info),
-            "mlflow_run_id": run.info.run_id,
+            "mlflow_run_id": run.run_id,
         }
-        write_json(Path(cfg.paths.reports) / "train_gates.json", summary)
-        write_json(Path(cfg.paths.reports) / "plots" / "train_gates_history.json",
-                   [{k: h[k] for k in ("step", "loss", "lm_loss", "gate_loss_per_gate", "routing_accuracy")} for h in history])
+        run.write_json(Path(cfg.paths.reports) / "train_gates.json", summary)
+        run.write_json(Path(cfg.paths.reports) / "plots" / "train_gates_history.json",
+                       [{k: h[k] for k in ("step", "loss", "lm_loss", "gate_loss", "routing_accuracy")} for h in history])
 
 
 if __name__ == "__main__":

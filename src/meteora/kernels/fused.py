@@ -7,10 +7,14 @@ Forward, with no host synchronisation anywhere (CUDA-graph capturable):
 2. one Triton kernel per regime:
    * few tokens (< LARGE_TOKENS): ``_route_expand_kernel``: per block of tokens, top-k (the lower index wins
      ties) and softmax of the logits, then the chosen adapters' B as one tensor-core product over the
-     adapter axis in which chunks of adapters that no token of the block chose are skipped, written or
-     accumulated into the base output in x's dtype;
+     adapter axis in which chunks of adapters that no token of the block chose are skipped, added to the
+     base output (read in the epilogue) and written in x's dtype;
    * many tokens: ``_route_mix_kernel`` (routing, then H = w s h scattered onto the adapter axis) and one
-     cuBLAS GEMM out += H B_flat, because re-reading h per output block would cost more than the GEMM.
+     cuBLAS GEMM out = base + H B_flat, because re-reading h per output block would cost more than the GEMM.
+
+B is read as B_flat (N r, d_out), row e r + q = B_e[:, q]: :class:`meteora.MeteoRALinear` stores it so, and
+its (N, d_out, r) ``lora_b`` is a view. The operator ``torch.ops.meteora.moe_lora`` (:mod:`.op`) calls
+:func:`fused_forward` and :func:`fused_backward`; :func:`fused_moe_lora` is the kernels' own checked entry.
 
 The A side is dense: N r d_in multiply-adds per token (4% of a LLaMA3-8B layer at N=28, r=8); the B side
 reads only chosen adapters (few tokens) or is one K = N r GEMM (many tokens). Extra memory: h (T, N r),
@@ -27,7 +31,8 @@ compiled kernel (see :func:`_launch`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +82,8 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, args: tuple, cons
     else:
         meta = constexprs
         compiled = kernel[grid](*args, **meta)
-    if INTERPRET:
-        return
+    if INTERPRET or compiled is None:
+        return  # nothing usable to cache: the next call goes through Triton again
     tail = tuple(meta[p.name] for p in jit.params if p.is_constexpr)
     _COMPILED[key] = (compiled, tail, meta)
 
@@ -94,8 +99,8 @@ def _mma(a, b, acc, DTYPE: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _route(logits, gcols, inv_temp, K: tl.constexpr, KP: tl.constexpr, MODE: tl.constexpr):
-    """Routing of a (BM, NP) logits tile (-inf past N).
+def _route(logits, gcols, N, inv_temp, K: tl.constexpr, KP: tl.constexpr, MODE: tl.constexpr):
+    """Routing of a (BM, NP) logits tile (-inf past N); a row with NaN logits still picks adapters below N.
 
     Returns coef (BM, NP): each adapter's mixing weight (0 if not chosen); probs (BM, NP): softmax over all
     adapters; chosen (BM, NP) bool; idx (BM, KP) int32 and w (BM, KP): the top-k, best first (lower index
@@ -118,7 +123,7 @@ def _route(logits, gcols, inv_temp, K: tl.constexpr, KP: tl.constexpr, MODE: tl.
         for j in tl.static_range(K):
             best = tl.max(work, axis=1)
             pick = tl.min(tl.where(work == best[:, None], gcols[None, :], gcols.shape[0]), axis=1)
-            pick = tl.minimum(pick, gcols.shape[0] - 1)
+            pick = tl.minimum(pick, N - 1)  # NaN logits match no maximum
             hit = gcols[None, :] == pick[:, None]
             idx = tl.where(kcols[None, :] == j, pick[:, None], idx)
             w = tl.where(kcols[None, :] == j, tl.sum(tl.where(hit, ex, 0.0), axis=1)[:, None], w)
@@ -182,8 +187,8 @@ def _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits
         tl.store(w_ptr + rows[:, None] * K + kcols[None, :], w, mask=kmask)
 
 
-_EXPAND_PTRS = ["gl_ptr", "h_ptr", "b_ptr", "scale_ptr", "out_ptr", "logits_ptr", "idx_ptr", "w_ptr"]
-_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_out_t"]
+_EXPAND_PTRS = ["gl_ptr", "h_ptr", "b_ptr", "scale_ptr", "base_ptr", "out_ptr", "logits_ptr", "idx_ptr", "w_ptr"]
+_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_base_t"]
 _EXPAND_CONFIGS = [
     triton.Config({"BM": 16, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
     triton.Config({"BM": 16, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
@@ -197,17 +202,18 @@ _EXPAND_CONFIGS = [
 
 
 @triton.autotune(configs=_EXPAND_CONFIGS, key=["T_BUCKET", "DOUT", "NR"],
-                 prune_configs_by={"early_config_prune": prune_by_tokens()}, restore_value=["out_ptr"])
+                 prune_configs_by={"early_config_prune": prune_by_tokens()})
 @_jit(_EXPAND_INTS, _EXPAND_PTRS)
 def _route_expand_kernel(
-    gl_ptr, h_ptr, b_ptr, scale_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
-    T, N, R, NR, DOUT, T_BUCKET, stride_out_t, inv_temp,
+    gl_ptr, h_ptr, b_ptr, scale_ptr, base_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
+    T, N, R, NR, DOUT, T_BUCKET, stride_base_t, inv_temp,
     MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Route a block of tokens and write (or add) sum_e w_te s_e B_e h_te for a block of output columns.
-    gl (T, N) and h (T, N r) in x's dtype; B (N, DOUT, R) contiguous."""
+    """Route a block of tokens and write (base +) sum_e w_te s_e B_e h_te for a block of output columns.
+    gl (T, N) and h (T, N r) in x's dtype; B_flat (N r, DOUT) and out (T, DOUT) contiguous; base (T, DOUT)
+    with row stride stride_base_t."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -215,7 +221,7 @@ def _route_expand_kernel(
     gcols = tl.arange(0, NP)
     kcols = tl.arange(0, KP)
     logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
-    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+    coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
     if pid_n == 0:
         _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
 
@@ -228,17 +234,12 @@ def _route_expand_kernel(
         col_coef = _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp, MODE, K)
         if tl.max(tl.abs(col_coef)) > 0:  # some token of the block chose an adapter of this chunk
             h = tl.load(h_ptr + rows[:, None] * NR + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            adapter = cols // R
-            b = tl.load(
-                b_ptr + adapter[:, None] * DOUT * R + ncols[None, :] * R + (cols - adapter * R)[:, None],
-                mask=cmask[:, None] & nmask[None, :], other=0.0,
-            )
+            b = tl.load(b_ptr + cols[:, None] * DOUT + ncols[None, :], mask=cmask[:, None] & nmask[None, :], other=0.0)
             acc = _mma(h.to(tl.float32) * col_coef, b, acc, DTYPE, IEEE)
-    out_ptrs = out_ptr + rows[:, None] * stride_out_t + ncols[None, :]
     omask = rmask[:, None] & nmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(DTYPE), mask=omask)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + rows[:, None] * stride_base_t + ncols[None, :], mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * DOUT + ncols[None, :], acc.to(DTYPE), mask=omask)
 
 
 @_jit(["T", "N", "R", "NR"], ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
@@ -254,7 +255,7 @@ def _route_mix_kernel(
     gcols = tl.arange(0, NP)
     kcols = tl.arange(0, KP)
     logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
-    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+    coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
     _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
     for c0 in range(0, NR, BK):
         cols = c0 + tl.arange(0, BK)
@@ -286,7 +287,7 @@ def _route_backward_kernel(
     gcols = tl.arange(0, NP)
     gmask = rmask[:, None] & (gcols < N)[None, :]
     logits = _load_logits(logits_ptr, rows, rmask, gcols, N)
-    coef, probs, chosen, idx, w = _route(logits, gcols, inv_temp, K, KP, MODE)
+    coef, probs, chosen, _idx, _w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
 
     q = tl.arange(0, RP)
     qmask = rmask[:, None] & (q < R)[None, :]
@@ -327,13 +328,13 @@ def _routing_constexprs(num_adapters: int, top_k: int, mode: str) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _expand_plan(num_tokens: int, num_adapters: int, rank: int, d_out: int, dtype: torch.dtype, top_k: int,
-                 mode: str, accumulate: bool) -> tuple[dict, tuple, Callable, int]:
+                 mode: str, has_base: bool) -> tuple[dict, tuple, Callable, int]:
     """Everything about a few-token launch that depends only on shapes and settings, computed once."""
     bucket = token_bucket(num_tokens)
-    constexprs = {**_routing_constexprs(num_adapters, top_k, mode), "ACCUMULATE": accumulate,
+    constexprs = {**_routing_constexprs(num_adapters, top_k, mode), "HAS_BASE": has_base,
                   "DTYPE": tl_dtype(dtype), "IEEE": use_ieee_dot(dtype)}
     key = ("expand", dtype, bucket, d_out, num_adapters * rank, *constexprs.values())
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]), triton.cdiv(d_out, meta["BN"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]), triton.cdiv(d_out, meta["BN"]))
     return constexprs, key, grid, bucket
 
 
@@ -342,33 +343,35 @@ def _row_plan(kind: str, num_tokens: int, num_adapters: int, rank: int, dtype: t
               **extra) -> tuple[dict, tuple, Callable]:
     """The same for the one-dimensional (row block) kernels: mix and backward."""
     constexprs = {**_routing_constexprs(num_adapters, top_k, mode), **extra, "DTYPE": tl_dtype(dtype), "BM": 32}
-    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]),)
     return constexprs, (kind, dtype, *constexprs.values()), grid
 
 
-def _forward(x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, out):
-    """Returns (out, logits (T, N) float32, indices, weights, h (T, N r) in x's dtype)."""
+def fused_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
+    """The kernels' forward. x (T, d_in) contiguous, T > 0; gate_x (T, d_in) or None (the gate reads x);
+    gate_weight (N, d_in), lora_a (N, r, d_in), lora_b (N, d_out, r), base (T, d_out) with unit last stride
+    or None, all in x's dtype; scaling (N,) float32. Returns out (T, d_out) = base + delta, logits (T, N)
+    float32, indices (T, k) int64, weights (T, k) float32 (k = N for mode soft) and h (T, N r)."""
     num_tokens, d_in = x.shape
     num_adapters, rank, _ = lora_a.shape
     d_out = lora_b.shape[1]
     nr = num_adapters * rank
-    gate_logits = F.linear(x, gate_weight.to(x.dtype))
-    hidden = F.linear(x, lora_a.reshape(nr, d_in).to(x.dtype))
+    gate_logits = F.linear(x if gate_x is None else gate_x, gate_weight)
+    hidden = F.linear(x, lora_a.reshape(nr, d_in))
     soft = mode == "soft"
     k = num_adapters if soft else top_k
     logits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=torch.float32)
     weights = torch.empty(num_tokens, k, device=x.device, dtype=torch.float32)
-    indices = (torch.arange(num_adapters, device=x.device).expand(num_tokens, num_adapters) if soft
+    indices = (torch.arange(num_adapters, device=x.device).expand(num_tokens, num_adapters).contiguous() if soft
                else torch.empty(num_tokens, k, device=x.device, dtype=torch.int64))
-    lora_b = lora_b.to(x.dtype)
+    b_flat = lora_b.permute(0, 2, 1).reshape(nr, d_out)  # row e r + q = B_e[:, q]; a view for the layer's B
     if num_tokens < LARGE_TOKENS:
-        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, x.dtype, top_k, mode, out is not None)
-        if out is None:
-            out = torch.empty(num_tokens, d_out, device=x.device, dtype=x.dtype)
+        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, x.dtype, top_k, mode, base is not None)
+        out = torch.empty(num_tokens, d_out, device=x.device, dtype=x.dtype)
         _launch(
             _route_expand_kernel, grid, key,
-            (gate_logits, hidden, lora_b, scaling, out, logits, indices, weights,
-             num_tokens, num_adapters, rank, nr, d_out, bucket, out.stride(0), 1.0 / temperature),
+            (gate_logits, hidden, b_flat, scaling, out if base is None else base, out, logits, indices, weights,
+             num_tokens, num_adapters, rank, nr, d_out, bucket, d_out if base is None else base.stride(0), 1.0 / temperature),
             constexprs,
         )
         return out, logits, indices, weights, hidden
@@ -379,63 +382,79 @@ def _forward(x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, 
         (gate_logits, hidden, scaling, mix, logits, indices, weights, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
         constexprs,
     )
-    b_flat = lora_b.permute(0, 2, 1).reshape(nr, d_out)  # row e r + q = B_e[:, q]
-    out = mix @ b_flat if out is None else out.addmm_(mix, b_flat)
+    out = mix @ b_flat if base is None else torch.addmm(base, mix, b_flat)
     return out, logits, indices, weights, hidden
 
 
+def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
+                   logits, indices, top_k: int, temperature: float, mode: str, needs: list[bool]):
+    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`fused_forward`'s out, logits and weights
+    (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
+    num_tokens, d_in = x.shape
+    num_adapters, rank, _ = lora_a.shape
+    nr = num_adapters * rank
+    b_flat = lora_b.permute(0, 2, 1).reshape(nr, -1)
+    u = grad_out @ b_flat.T  # u[t, e r + q] = <g_t, B_e[:, q]>
+    if grad_weights is not None and mode != "soft":
+        grad_weights = torch.zeros_like(logits).scatter_add_(1, indices, grad_weights.float())
+    want_b = needs[4]
+    dlogits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=x.dtype)
+    coef_u = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
+    coef_h = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype) if want_b else coef_u
+    constexprs, key, grid = _row_plan(
+        "backward", num_tokens, num_adapters, rank, x.dtype, top_k, mode, RP=pow2(rank),
+        HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_W=grad_weights is not None, WRITE_COEF_H=want_b,
+    )
+    _launch(
+        _route_backward_kernel, grid, key,
+        (logits, hidden, u, scaling,
+         grad_logits.float().contiguous() if grad_logits is not None else logits,
+         grad_weights.float().contiguous() if grad_weights is not None else logits,
+         dlogits, coef_u, coef_h, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
+        constexprs,
+    )
+    gate_in = x if gate_x is None else gate_x
+    grad_x = grad_gate_x = grad_gate = grad_a = grad_b = None
+    if needs[0]:
+        grad_x = coef_u @ lora_a.reshape(nr, d_in)
+        if gate_x is None:
+            grad_x = grad_x.addmm_(dlogits, gate_weight)
+    if needs[1] and gate_x is not None:
+        grad_gate_x = dlogits @ gate_weight
+    if needs[2]:
+        grad_gate = dlogits.T @ gate_in
+    if needs[3]:
+        grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
+    if want_b:
+        grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2)
+    return grad_x, grad_gate_x, grad_gate, grad_a, grad_b
+
+
 class _FusedMoELoRA(torch.autograd.Function):
-    """Differentiable in x, gate_weight, lora_a and lora_b; the returned logits and weights take
-    gradients too (the gate loss reads the logits)."""
+    """:func:`fused_forward` differentiable in x, gate_weight, lora_a and lora_b (and through the returned
+    logits and weights: the gate loss reads the logits)."""
 
     @staticmethod
-    def forward(ctx, x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode):
-        delta, logits, indices, weights, hidden = _forward(x, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, None)
+    def forward(ctx, x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode):
+        out, logits, indices, weights, hidden = fused_forward(x, None, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
         ctx.save_for_backward(x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices)
         ctx.routing = (top_k, temperature, mode)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(indices)
-        return delta, logits, indices, weights
+        return out, logits, indices, weights
 
     @staticmethod
-    def backward(ctx, grad_delta, grad_logits, _grad_indices, grad_weights):
+    def backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights):
         x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices = ctx.saved_tensors
-        top_k, temperature, mode = ctx.routing
-        num_tokens, d_in = x.shape
-        num_adapters, rank, _ = lora_a.shape
-        d_out = lora_b.shape[1]
-        nr = num_adapters * rank
-        if grad_delta is None:
-            grad_delta = torch.zeros(num_tokens, d_out, device=x.device, dtype=x.dtype)
-        u = grad_delta @ lora_b.to(x.dtype).permute(1, 0, 2).reshape(d_out, nr)  # u[t, e r + q] = <g_t, B_e[:, q]>
-        if grad_weights is not None and mode != "soft":
-            grad_weights = torch.zeros_like(logits).scatter_add_(1, indices, grad_weights.float())
-        want_b = ctx.needs_input_grad[3]
-        dlogits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=x.dtype)
-        coef_u = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
-        coef_h = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype) if want_b else coef_u
-        constexprs, key, grid = _row_plan(
-            "backward", num_tokens, num_adapters, rank, x.dtype, top_k, mode, RP=pow2(rank),
-            HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_W=grad_weights is not None, WRITE_COEF_H=want_b,
+        if grad_out is None:
+            grad_out = torch.zeros(x.shape[0], lora_b.shape[1], device=x.device, dtype=x.dtype)
+        needs = list(ctx.needs_input_grad[:4])
+        grad_x, _, grad_gate, grad_a, grad_b = fused_backward(
+            grad_out.contiguous(), grad_logits, grad_weights, x, None, gate_weight, lora_a, lora_b, scaling, hidden, logits,
+            indices, *ctx.routing, [needs[0], False, needs[1], needs[2], needs[3]],
         )
-        _launch(
-            _route_backward_kernel, grid, key,
-            (logits, hidden, u, scaling,
-             grad_logits.contiguous() if grad_logits is not None else logits,
-             grad_weights.contiguous() if grad_weights is not None else logits,
-             dlogits, coef_u, coef_h, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
-            constexprs,
-        )
-        grad_x = grad_gate = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(coef_u @ lora_a.reshape(nr, d_in).to(x.dtype), dlogits, gate_weight.to(x.dtype))
-        if ctx.needs_input_grad[1]:
-            grad_gate = (dlogits.T @ x).to(gate_weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in).to(lora_a.dtype)
-        if want_b:
-            grad_b = (grad_delta.T @ coef_h).view(d_out, num_adapters, rank).permute(1, 0, 2).to(lora_b.dtype)
-        return grad_x, grad_gate, grad_a, grad_b, None, None, None, None
+        grad_base = grad_out if ctx.needs_input_grad[5] else None
+        return grad_x, grad_gate, grad_a, grad_b, None, grad_base, None, None, None
 
 
 def fused_moe_lora(
@@ -448,16 +467,17 @@ def fused_moe_lora(
     temperature: float = 1.0,
     mode: str = "topk",
     *,
-    out: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gate, routing and mixture of LoRA adapters in two kernels.
+    """Gate, routing and mixture of LoRA adapters in two kernels (the kernels' own entry, checked; the
+    model calls :func:`meteora.kernels.op.moe_lora_op`).
 
     x2d (T, d_in); gate_weight (N, d_in); lora_a (N, r, d_in); lora_b (N, d_out, r); scaling (N,) float32.
-    Returns (delta (T, d_out) in x's dtype, logits (T, N) float32, indices (T, k) int64, weights (T, k)
-    float32); for mode "soft" indices = arange(N) and weights (T, N). With ``out`` (T, d_out), e.g. the
-    base layer's output, delta is added into it in place and ``out`` is returned first (one read-modify-
-    write instead of a separate add). Differentiable in x2d, gate_weight, lora_a and lora_b (and through
-    the returned logits and weights); scaling is a constant.
+    Returns (out (T, d_out) in x's dtype, logits (T, N) float32, indices (T, k) int64, weights (T, k)
+    float32); for mode "soft" indices = arange(N) and weights (T, N). out is delta, or base + delta with
+    ``base`` (T, d_out), e.g. the base layer's output, added in the kernel's epilogue (no separate add).
+    Differentiable in x2d, gate_weight, lora_a, lora_b and base (and through the returned logits and
+    weights); scaling is a constant.
     """
     if mode not in MODES:
         raise ValueError(f"unknown routing mode {mode!r}; expected one of {tuple(MODES)}")
@@ -470,20 +490,17 @@ def fused_moe_lora(
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     tl_dtype(x2d.dtype)
-    if out is not None and (out.shape != (x2d.shape[0], lora_b.shape[1]) or out.dtype != x2d.dtype or out.stride(1) != 1):
-        raise ValueError(f"out must be a ({x2d.shape[0]}, {lora_b.shape[1]}) {x2d.dtype} tensor with unit last stride")
-    x2d, gate_weight = x2d.contiguous(), gate_weight.contiguous()
-    lora_a, lora_b, scaling = lora_a.contiguous(), lora_b.contiguous(), scaling.float().contiguous()
+    if base is not None and (base.shape != (x2d.shape[0], lora_b.shape[1]) or base.dtype != x2d.dtype or base.stride(1) != 1):
+        raise ValueError(f"base must be a ({x2d.shape[0]}, {lora_b.shape[1]}) {x2d.dtype} tensor with unit last stride")
+    dtype = x2d.dtype
+    x2d, gate_weight = x2d.contiguous(), gate_weight.to(dtype).contiguous()
+    lora_a, lora_b, scaling = lora_a.to(dtype).contiguous(), lora_b.to(dtype), scaling.float().contiguous()
     if x2d.shape[0] == 0:
         k = num_adapters if mode == "soft" else top_k
         empty = x2d.new_zeros(0, lora_b.shape[1])
-        return (out if out is not None else empty, x2d.new_zeros(0, num_adapters, dtype=torch.float32),
+        return (empty, x2d.new_zeros(0, num_adapters, dtype=torch.float32),
                 torch.zeros(0, k, dtype=torch.int64, device=x2d.device), x2d.new_zeros(0, k, dtype=torch.float32))
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, gate_weight, lora_a, lora_b))
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, gate_weight, lora_a, lora_b, base))
     if not differentiable:
-        result, logits, indices, weights, _ = _forward(x2d, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode, out)
-        return result, logits, indices, weights
-    delta, logits, indices, weights = _FusedMoELoRA.apply(x2d, gate_weight, lora_a, lora_b, scaling, top_k, temperature, mode)
-    if out is not None:
-        delta = out.add_(delta)
-    return delta, logits, indices, weights
+        return fused_forward(x2d, None, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)[:4]
+    return _FusedMoELoRA.apply(x2d, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)

@@ -100,11 +100,14 @@ def gather_shrink(inp: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor
     return h
 
 
-def gather_expand(h: torch.Tensor, coef: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, strides: tuple[int, int, int], d_out: int, dtype: torch.dtype) -> torch.Tensor:
+def gather_expand(
+    h: torch.Tensor, coef: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, strides: tuple[int, int, int], d_out: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """out (T, d_out) = sum_j coef[t, j] W_e h[t, j]; weight element (e, n, q) at e*s0 + n*s1 + q*s2."""
     num_tokens, top_k, rank = h.shape
     out = torch.empty(num_tokens, d_out, device=h.device, dtype=dtype)
-    grid = lambda meta: (num_tokens, triton.cdiv(d_out, meta["BN"]))  # noqa: E731
+    grid = lambda meta: (num_tokens, triton.cdiv(d_out, meta["BN"]))
     _gather_expand_kernel[grid](
         h, coef, indices, weight, out, d_out, rank, *strides, out.stride(0), K=top_k, RP=pow2(rank), DTYPE=tl_dtype(dtype),
     )
@@ -116,7 +119,7 @@ class _TritonMixture(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, indices, weights, lora_a, lora_b, scaling):
-        num_adapters, rank, d_in = lora_a.shape
+        rank = lora_a.shape[1]
         d_out = lora_b.shape[1]
         coef = (weights * scaling[indices]).contiguous()
         h = gather_shrink(x, indices, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), rank)

@@ -1,0 +1,330 @@
+"""One decoder layer's 7 adapted projections (q, k, v, o, gate, up, down) at a model's shapes, per strategy.
+
+Strategies: ``base`` (the base linears alone), ``single`` (base + one LoRA in plain torch), ``peft``
+(PEFT's LoRA layers, one adapter), ``meteora`` (:class:`meteora.MeteoRALinear` layers from
+:func:`meteora.attach_meteora`, strategy ``auto``), any :func:`meteora.moe_lora` strategy (base + the
+mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
+output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
+``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
+the same inputs with the strategy's own routing.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meteora import AdapterBank, MeteoRALinear, Routing, StackedLoRA, attach_meteora, lora_delta, moe_lora
+from meteora.ops import STRATEGIES as MOE_STRATEGIES
+
+from .config import DTYPES, BenchConfig, Shapes
+from .timing import error_text, peak_extra_mb, ratio, time_graph_ms, time_ms
+
+# Strategies that synchronise with the host by design (the loop's nonzero): never captured in a CUDA graph.
+NOT_CAPTURABLE = ("loop", "reference")
+Runner = Callable[[int, torch.Tensor], tuple[torch.Tensor, Routing | None]]
+
+
+@dataclass
+class Projection:
+    """One adapted linear: base weight (d_out, d_in), gate (N, d_in), adapters A (N, r, d_in) and
+    B (N, d_out, r), scaling (N,); ``single`` applies adapter 0."""
+
+    name: str
+    weight: torch.Tensor
+    gate: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1]
+
+
+def make_projections(
+    shapes: Shapes, cfg: BenchConfig, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> list[Projection]:
+    """Random weights with unit-scale outputs (never zeros: they can time faster than real data)."""
+    n, r = cfg.num_adapters, cfg.rank
+
+    def randn(*size: int, std: float) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device=device) * std).to(dtype)
+
+    return [
+        Projection(
+            name,
+            randn(d_out, d_in, std=d_in**-0.5),
+            randn(n, d_in, std=d_in**-0.5),
+            randn(n, r, d_in, std=d_in**-0.5),
+            randn(n, d_out, r, std=r**-0.5),
+            torch.full((n,), cfg.alpha / r, device=device),
+        )
+        for name, d_in, d_out in shapes.projections()
+    ]
+
+
+def make_inputs(
+    projections: list[Projection],
+    num_tokens: int,
+    routing: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """Inputs (T, d_in) per d_in (q/k/v/gate/up share the hidden state) and the gates to use. ``skewed``:
+    x is shifted along a direction u and gates 0 and 1 lean on u, so most tokens pick adapters 0 and 1."""
+    if routing not in ("random", "skewed"):
+        raise ValueError(f"unknown benchmark routing {routing!r}; expected 'random' or 'skewed'")
+    inputs, directions = {}, {}
+    for p in projections:
+        if p.d_in in inputs:
+            continue
+        x = torch.randn(num_tokens, p.d_in, generator=gen, device=device)
+        u = torch.randn(p.d_in, generator=gen, device=device)
+        u /= u.norm()
+        if routing == "skewed":
+            x += 2.5 * u
+        inputs[p.d_in], directions[p.d_in] = x.to(dtype), u
+    gates = []
+    for p in projections:
+        gate = p.gate
+        if routing == "skewed":
+            gate = gate.clone()
+            gate[:2] += (3.0 * directions[p.d_in]).to(gate.dtype)
+        gates.append(gate)
+    return inputs, gates
+
+
+def _block(projections: list[Projection]) -> nn.Module:
+    """An nn.Module holding the 7 base linears by name (their weights shared with the projections)."""
+    block = nn.Module()
+    for p in projections:
+        linear = nn.Linear(p.d_in, p.weight.shape[0], bias=False, device=p.weight.device, dtype=p.weight.dtype)
+        linear.weight = nn.Parameter(p.weight, requires_grad=False)
+        setattr(block, p.name, linear)
+    return block
+
+
+def peft_block(projections: list[Projection], cfg: BenchConfig) -> nn.Module:
+    """PEFT LoRA layers (one adapter, adapter 0's weights) on the 7 base linears."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        target_modules=[p.name for p in projections],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
+    block = inject_adapter_in_model(config, _block(projections))
+    with torch.no_grad():
+        for p in projections:
+            layer = getattr(block, p.name)
+            layer.lora_A["default"].weight.data = p.lora_a[0].clone()
+            layer.lora_B["default"].weight.data = p.lora_b[0].clone()
+    return block.requires_grad_(False)
+
+
+def meteora_layers(projections: list[Projection], cfg: BenchConfig) -> list[MeteoRALinear]:
+    """:class:`MeteoRALinear` layers attached to the 7 base linears (their gates are set per input)."""
+    bank = AdapterBank([f"adapter_{i}" for i in range(cfg.num_adapters)])
+    for p in projections:
+        bank.modules[p.name] = StackedLoRA(p.lora_a, p.lora_b, p.scaling)
+    model = attach_meteora(_block(projections), bank, top_k=cfg.top_k, strategy="auto")
+    return [getattr(model.model, p.name) for p in projections]
+
+
+def runner(
+    strategy: str, projections: list[Projection], gates: list[torch.Tensor], cfg: BenchConfig, built: dict[str, Any]
+) -> Runner:
+    """(projection index, x) -> (output, the routing used or None) under a strategy; ``built`` caches
+    the PEFT and MeteoRA modules across inputs."""
+    scale = cfg.alpha / cfg.rank
+    if strategy == "base":
+        return lambda i, x: (F.linear(x, projections[i].weight), None)
+    if strategy == "single":
+        return lambda i, x: (
+            F.linear(x, projections[i].weight)
+            + lora_delta(x, projections[i].lora_a[0], projections[i].lora_b[0], scale),
+            None,
+        )
+    if strategy == "peft":
+        if "peft" not in built:
+            built["peft"] = peft_block(projections, cfg)
+        block = built["peft"]
+        return lambda i, x: (getattr(block, projections[i].name)(x), None)
+    if strategy == "meteora":
+        if "meteora" not in built:
+            built["meteora"] = meteora_layers(projections, cfg)
+        layers = built["meteora"]
+        with torch.no_grad():
+            for layer, gate in zip(layers, gates):
+                layer.gate.weight.copy_(gate)
+
+        def run(i: int, x: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+            out = layers[i](x)
+            return out, layers[i].last_routing
+
+        return run
+    moe, _, into = strategy.partition("_")
+    if moe not in MOE_STRATEGIES or into not in ("", "out"):
+        raise ValueError(
+            f"unknown benchmark strategy {strategy!r}; expected base, single, peft, meteora, one of "
+            f"{MOE_STRATEGIES} or <that>_out"
+        )
+
+    def mix(i: int, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        p = projections[i]
+        base = F.linear(x, p.weight)
+        if into:
+            return moe_lora(x, gates[i], p.lora_a, p.lora_b, p.scaling, cfg.top_k, strategy=moe, out=base)
+        delta, routing = moe_lora(x, gates[i], p.lora_a, p.lora_b, p.scaling, cfg.top_k, strategy=moe)
+        return base + delta, routing
+
+    return mix
+
+
+def reference_output(
+    strategy: str, p: Projection, x64: torch.Tensor, routing: Routing | None, scale: float
+) -> torch.Tensor:
+    """float64 output of a projection with the strategy's own routing (indices kept, weights recomputed in
+    float64 from its logits), through dense float64 GEMMs."""
+    out = x64 @ p.weight.double().T
+    if strategy == "base":
+        return out
+    a, b = p.lora_a.double(), p.lora_b.double()
+    if routing is None:  # single, peft: adapter 0
+        return out + scale * (x64 @ a[0].T) @ b[0].T
+    n, r, d_in = a.shape
+    logits = routing.logits.double()
+    weights = torch.softmax(logits.gather(1, routing.indices), dim=-1)
+    coef = torch.zeros_like(logits).scatter_add_(1, routing.indices, weights * p.scaling.double()[routing.indices])
+    hidden = (x64 @ a.reshape(n * r, d_in).T).view(-1, n, r) * coef[..., None]
+    return out + hidden.reshape(-1, n * r) @ b.permute(0, 2, 1).reshape(n * r, -1)
+
+
+def routing_match(gate: torch.Tensor, x: torch.Tensor, routing: Routing | None, top_k: int) -> float | None:
+    """Share of tokens whose chosen adapters equal the float64 gate's top-k (lower index wins ties)."""
+    if routing is None:
+        return None
+    logits64 = x.double() @ gate.double().T
+    expected = torch.sort(logits64, dim=-1, descending=True, stable=True)[1][:, :top_k]
+    return (routing.indices == expected).all(-1).float().mean().item()
+
+
+def measure_strategy(
+    strategy: str,
+    projections: list[Projection],
+    gates: list[torch.Tensor],
+    inputs: dict[int, torch.Tensor],
+    cfg: BenchConfig,
+    device: torch.device,
+    built: dict[str, Any],
+) -> dict[str, Any]:
+    """Error, routing agreement and memory per projection, then the layer's median time (eager, graphs)."""
+    values: dict[str, Any] = {
+        "ms": None,
+        "ms_graph": None,
+        "graph_error": None,
+        "err": 0.0,
+        "routing_match": None,
+        "peak_extra_mb": None,
+        "error": None,
+    }
+    scale = cfg.alpha / cfg.rank
+    try:
+        run = runner(strategy, projections, gates, cfg, built)
+        keep = built.get("meteora", []) if strategy == "meteora" else []
+        with torch.no_grad():
+            for layer in keep:
+                layer.keep_routing = True
+            for i, p in enumerate(projections):
+                x = inputs[p.d_in]
+                out, routing = run(i, x)
+                ref = reference_output(strategy, p, x.double(), routing, scale)
+                values["err"] = max(values["err"], ((out.double() - ref).norm() / ref.norm()).item())
+                match = routing_match(gates[i], x, routing, cfg.top_k)
+                if match is not None:
+                    values["routing_match"] = min(
+                        match, 1.0 if values["routing_match"] is None else values["routing_match"]
+                    )
+                del out, ref, routing
+                peak = peak_extra_mb(lambda i=i, x=x: run(i, x), device)
+                if peak is not None:
+                    values["peak_extra_mb"] = max(peak, values["peak_extra_mb"] or 0.0)
+            for layer in keep:
+                layer.keep_routing = False
+
+            def layer_call() -> None:
+                for i, p in enumerate(projections):
+                    run(i, inputs[p.d_in])
+
+            values["ms"] = time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms)
+            if cfg.layer.cuda_graphs and device.type == "cuda" and strategy.split("_")[0] not in NOT_CAPTURABLE:
+                values["ms_graph"], values["graph_error"] = time_graph_ms(layer_call, cfg.rep_ms)
+    except Exception as err:  # one failing strategy is a row with its error, not a crashed benchmark
+        values["error"] = error_text(err)
+    return values
+
+
+def run_layer(
+    cfg: BenchConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+    progress: Callable[[list[dict]], None] = lambda cells: None,
+) -> list[dict]:
+    """One cell per model, dtype, routing, token count and strategy; ``progress`` sees the cells after every row."""
+    section = cfg.layer
+    cells: list[dict] = []
+    for model_name in section.models:
+        for dtype_name in section.dtypes:
+            dtype = DTYPES[dtype_name]
+            gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            projections = make_projections(cfg.shapes[model_name], cfg, dtype, device, gen)
+            built: dict[str, Any] = {}
+            for routing_name in section.routings:
+                for num_tokens in section.tokens:
+                    inputs, gates = make_inputs(projections, num_tokens, routing_name, dtype, device, gen)
+                    row = {
+                        s: measure_strategy(s, projections, gates, inputs, cfg, device, built)
+                        for s in section.strategies
+                    }
+                    for key, suffix in (("ms", ""), ("ms_graph", "_graph")):
+                        for reference in ("single", "peft", "base"):
+                            ref = row.get(reference, {}).get(key)
+                            for values in row.values():
+                                values[f"x_{reference}{suffix}"] = ratio(values.get(key), ref)
+                    cells += [
+                        {
+                            "model": model_name,
+                            "dtype": dtype_name,
+                            "routing": routing_name,
+                            "tokens": num_tokens,
+                            "strategy": s,
+                            **v,
+                        }
+                        for s, v in row.items()
+                    ]
+                    log(
+                        f"layer {model_name} {dtype_name} {routing_name} T={num_tokens}: "
+                        + ", ".join(
+                            f"{s}={v['ms']:.3f}/{v['ms_graph'] or 0:.3f}ms"
+                            if v["ms"] is not None
+                            else f"{s}=ERR {v['error'][:80]}"
+                            for s, v in row.items()
+                        )
+                    )
+                    progress(cells)
+                    del inputs, gates
+            del projections, built
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return cells

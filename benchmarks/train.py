@@ -1,0 +1,80 @@
+"""One training step of the whole model at ``tokens`` tokens (1 sequence): the LM loss (and for MeteoRA the
+gate cross-entropy, weighted) backward, then an AdamW step over what trains: MeteoRA's gates, or one
+PEFT LoRA's A and B. Median ms per step, peak extra memory, ratio to the PEFT LoRA step."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+from .config import DTYPES, BenchConfig
+from .systems import build_system
+from .timing import error_text, peak_extra_mb, ratio, time_ms
+
+
+def training_step(
+    name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, gate_loss_weight: float
+) -> Callable[[], None]:
+    """A closure doing one optimisation step of system ``name`` (``peft_lora`` or ``meteora``)."""
+    if name == "meteora":
+        model.keep_routing(True)
+        params = model.gate_parameters()
+    elif name == "peft_lora":
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        raise ValueError(f"benchmark train.systems: {name!r} has no training step; expected peft_lora or meteora")
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        if name == "meteora":
+            loss = loss + gate_loss_weight * model.gate_loss(task_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_train(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    """Rows {system, tokens, ms, peak_extra_mb, x_peft_lora, error}."""
+    section = cfg.train
+    dtype = DTYPES[section.dtype]
+    shapes = cfg.shapes[section.model]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ids = torch.randint(0, shapes.vocab, (1, section.tokens), device=device, generator=gen)
+    task_ids = torch.randint(0, cfg.num_adapters, (1,), device=device, generator=gen)
+    rows = []
+    for name in section.systems:
+        row = {
+            "system": name,
+            "tokens": section.tokens,
+            "dtype": section.dtype,
+            "ms": None,
+            "peak_extra_mb": None,
+            "error": None,
+        }
+        try:
+            model = build_system(name, cfg, shapes, section.layers, dtype, device).train()
+            step = training_step(name, model, ids, task_ids, section.gate_loss_weight)
+            row["ms"] = time_ms(step, device, cfg.warmup_ms, cfg.rep_ms)
+            row["peak_extra_mb"] = peak_extra_mb(step, device)
+            del model, step
+        except Exception as err:
+            row["error"] = error_text(err)
+        rows.append(row)
+        log(
+            f"train {name} T={section.tokens}: "
+            + (f"{row['ms']:.3f} ms" if row["ms"] is not None else f"ERROR {row['error']}")
+        )
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    single = next((r["ms"] for r in rows if r["system"] == "peft_lora"), None)
+    for r in rows:
+        r["x_peft_lora"] = ratio(r["ms"], single)
+    return rows

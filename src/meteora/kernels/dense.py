@@ -1,0 +1,103 @@
+"""The mixture in plain torch operations (CPU, and float64 anywhere): the forward and its backward formula.
+
+Forward for T tokens, N adapters of rank r (everything in x's dtype, routing in float32, float64 for float64):
+
+    h = x A_flat^T (T, N r),  logits = g W_g^T (T, N),  coef = w s scattered onto (T, N),
+    out = base + (coef * h) B_flat                       (B_flat (N r, d_out): row e r + q = B_e[:, q])
+
+where g is the gate's input (x itself, or a sentence summary). The backward gives x, g, W_g, A and B
+their gradients (MoLoRA trains the adapters) from the saved h and the routing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import route_unchecked
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def flat_b(lora_b: torch.Tensor) -> torch.Tensor:
+    """B (N, d_out, r) as (N r, d_out); a view when B is stored that way (see :class:`meteora.MeteoRALinear`)."""
+    num_adapters, d_out, rank = lora_b.shape
+    return lora_b.permute(0, 2, 1).reshape(num_adapters * rank, d_out)
+
+
+def routing_coef(indices: torch.Tensor, weights: torch.Tensor, scaling: torch.Tensor, num_adapters: int, soft: bool) -> torch.Tensor:
+    """(T, N) w s of every adapter (0 where not chosen), in the weights' dtype."""
+    scaling = scaling.to(weights.dtype)
+    if soft:
+        return weights * scaling
+    coef = weights.new_zeros(weights.shape[0], num_adapters)
+    return coef.scatter_(1, indices, weights * scaling[indices])
+
+
+def dense_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
+    """x (T, d_in); gate_x (T, d_in) or None (the gate reads x); gate_weight (N, d_in); lora_a (N, r, d_in);
+    lora_b (N, d_out, r); scaling (N,); base (T, d_out) or None. Returns out (T, d_out) = base + delta,
+    logits (T, N), indices (T, k) int64, weights (T, k) (k = N for mode soft), h (T, N r)."""
+    num_tokens, d_in = x.shape
+    num_adapters, rank, _ = lora_a.shape
+    acc = accumulation_dtype(x.dtype)
+    hidden = F.linear(x, lora_a.reshape(num_adapters * rank, d_in))
+    routing = route_unchecked(F.linear(x if gate_x is None else gate_x, gate_weight).to(acc), top_k, temperature, mode)
+    indices = routing.indices.contiguous()
+    coef = routing_coef(indices, routing.weights, scaling, num_adapters, mode == "soft")
+    mixed = (hidden.view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(x.dtype).view(num_tokens, num_adapters * rank)
+    b_flat = flat_b(lora_b)
+    out = mixed @ b_flat if base is None else torch.addmm(base, mixed, b_flat)
+    return out, routing.logits, indices, routing.weights, hidden
+
+
+def routing_backward(dweights: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     temperature: float, mode: str) -> torch.Tensor:
+    """Gradient of the logits (T, N) from that of the mixing weights (T, k) through the routing softmax."""
+    if mode == "soft":
+        return weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) / temperature
+    if mode == "topk":
+        selected = weights * (dweights - (weights * dweights).sum(-1, keepdim=True)) / temperature
+        return torch.zeros_like(logits).scatter_(1, indices, selected)
+    probs = torch.softmax(logits / temperature, dim=-1)  # topk_unnormalized: w = softmax(logits)[indices]
+    dprobs = torch.zeros_like(logits).scatter_(1, indices, dweights)
+    return probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True)) / temperature
+
+
+def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
+                   logits, indices, weights, temperature: float, mode: str, needs: list[bool]):
+    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`dense_forward`'s outputs out, logits and
+    weights (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
+    num_tokens, d_in = x.shape
+    num_adapters, rank, _ = lora_a.shape
+    b_flat = flat_b(lora_b)
+    u = (grad_out @ b_flat.T).view(num_tokens, num_adapters, rank)  # u[t, e, q] = <g_t, B_e[:, q]>
+    h = hidden.view(num_tokens, num_adapters, rank)
+    dw_all = (u.to(weights.dtype) * h.to(weights.dtype)).sum(-1) * scaling.to(weights.dtype)  # (T, N)
+    dweights = dw_all if mode == "soft" else dw_all.gather(1, indices)
+    if grad_weights is not None:
+        dweights = dweights + grad_weights
+    dlogits = routing_backward(dweights, logits, indices, weights, temperature, mode)
+    if grad_logits is not None:
+        dlogits = dlogits + grad_logits
+    dlogits = dlogits.to(x.dtype)
+    coef = routing_coef(indices, weights, scaling, num_adapters, mode == "soft").unsqueeze(-1)
+    coef_u = (u * coef).to(x.dtype).view(num_tokens, num_adapters * rank)
+    gate_in = x if gate_x is None else gate_x
+    grad_x = grad_gate_x = grad_gate = grad_a = grad_b = None
+    if needs[0]:
+        grad_x = coef_u @ lora_a.reshape(-1, d_in)
+        if gate_x is None:
+            grad_x = grad_x.addmm_(dlogits, gate_weight)
+    if needs[1] and gate_x is not None:
+        grad_gate_x = dlogits @ gate_weight
+    if needs[2]:
+        grad_gate = dlogits.T @ gate_in
+    if needs[3]:
+        grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
+    if needs[4]:
+        coef_h = (h * coef).to(x.dtype).view(num_tokens, num_adapters * rank)
+        grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2)
+    return grad_x, grad_gate_x, grad_gate, grad_a, grad_b

@@ -1,0 +1,167 @@
+"""Fault injection: saves that die half-way, files cut short, gates that do not fit the model.
+
+Gates on disk: a save that fails leaves the old gates loadable and identical; a load checks everything
+(file, manifest, model) before it copies anything."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import save_peft_adapter, tiny_llama
+from meteora import GateManifestError, attach_meteora
+
+
+@pytest.fixture(scope="module")
+def gate_base():
+    return tiny_llama(seed=21)
+
+
+@pytest.fixture(scope="module")
+def gate_adapters(gate_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault_adapters")
+    return [save_peft_adapter(gate_base, root / f"task_{i}", rank=4, alpha=8, seed=30 + i) for i in range(3)]
+
+
+def _meteora_with_random_gates(base, adapters, seed):
+    model = attach_meteora(copy.deepcopy(base), adapters, top_k=2)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gate_parameters():
+            gate.copy_(torch.randn(gate.shape, generator=generator))
+    return model
+
+
+def _gates(model):
+    return {name: layer.gate.weight.detach().clone() for name, layer in model.meteora_layers().items()}
+
+
+def _assert_gates_equal(model, expected):
+    got = _gates(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.fixture()
+def saved(gate_base, gate_adapters, tmp_path):
+    """Gates saved once (directory, their weights) and a second model with other gates to save over them."""
+    model = _meteora_with_random_gates(gate_base, gate_adapters, seed=1)
+    directory = tmp_path / "gates"
+    model.save_gates(directory)
+    return directory, _gates(model)
+
+
+def test_gate_save_dying_inside_the_writer_keeps_the_old_gates(gate_base, gate_adapters, saved, monkeypatch):
+    directory, old = saved
+    import safetensors.torch
+
+    real_save_file = safetensors.torch.save_file
+
+    def dies_half_way(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as fh:  # the disk fills up half-way through the file
+            fh.truncate(os.path.getsize(filename) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    newer = _meteora_with_random_gates(gate_base, gate_adapters, seed=2)
+    with pytest.raises(OSError, match="No space left"):
+        newer.save_gates(directory)
+    monkeypatch.undo()
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader.load_gates(directory)
+    _assert_gates_equal(reader, old)
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["gates"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_gate_save_dying_at_the_rename_keeps_the_old_gates(gate_base, gate_adapters, saved, monkeypatch, failing_call):
+    directory, old = saved
+    real_replace, calls = os.replace, {"n": 0}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    newer = _meteora_with_random_gates(gate_base, gate_adapters, seed=2)
+    with pytest.raises(OSError, match="Input/output error"):
+        newer.save_gates(directory)
+    monkeypatch.undo()
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader.load_gates(directory)
+    _assert_gates_equal(reader, old)
+
+
+def test_truncated_gates_file_is_named(gate_base, gate_adapters, saved):
+    directory, _ = saved
+    path = directory / "gates.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    before = _gates(reader)
+    with pytest.raises(GateManifestError, match=rf"{path}.*(truncated|not a readable)"):
+        reader.load_gates(directory)
+    _assert_gates_equal(reader, before)
+
+
+def _rewrite_gates(directory, change):
+    path = directory / "gates.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+FIRST = "model.layers.0.self_attn.q_proj"
+LAST = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("missing", lambda s: s.pop(LAST), rf"gates.safetensors.*lacks.*{LAST}"),
+    ("extra", lambda s: s.__setitem__("model.layers.9.mlp.up_proj", s[FIRST].clone()),
+     r"gates.safetensors.*model\.layers\.9\.mlp\.up_proj"),
+    ("shape", lambda s: s.__setitem__(LAST, torch.randn(3, 7)), rf"gates.safetensors.*{LAST}.*shape \(3, 7\).*\(3, "),
+    ("dtype", lambda s: s.__setitem__(LAST, s[LAST].to(torch.float16)), rf"gates.safetensors.*{LAST}.*float16.*float32"),
+    ("non_finite", lambda s: s[LAST].__setitem__((0, 0), float("nan")), rf"gates.safetensors.*{LAST}.*NaN"),
+])
+def test_gates_that_do_not_fit_load_nothing(gate_base, gate_adapters, saved, case, change, message):
+    """The last module in the file is the bad one: a load that copied as it went would have copied the rest."""
+    directory, _ = saved
+    _rewrite_gates(directory, change)
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    before = _gates(reader)
+    with pytest.raises(GateManifestError, match=message):
+        reader.load_gates(directory)
+    _assert_gates_equal(reader, before)
+    assert reader.top_k == 2
+
+
+def test_manifest_missing_a_key_is_named(gate_base, gate_adapters, saved):
+    directory, _ = saved
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["temperature"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    before = _gates(reader)
+    with pytest.raises(GateManifestError, match=r"manifest\.json.*lacks the key 'temperature'"):
+        reader.load_gates(directory)
+    _assert_gates_equal(reader, before)
+
+
+def test_gates_of_another_base_model_are_refused_unless_allowed(gate_base, gate_adapters, saved):
+    directory, old = saved
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["base_model"] = "someone/another-model"
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    before = _gates(reader)
+    with pytest.raises(GateManifestError, match=r"manifest\.json.*someone/another-model.*allow_other_base=True"):
+        reader.load_gates(directory)
+    _assert_gates_equal(reader, before)
+    with pytest.warns(UserWarning, match="someone/another-model"):
+        reader.load_gates(directory, allow_other_base=True)
+    _assert_gates_equal(reader, old)
