@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from meteora.adapters import validate_adapter
+from meteora.io import atomic_directory
 from stages.common import ConfigError, device, load_config, seed_everything, set_threads, stage_run, torch_dtype
 from stages.hub import download
 from stages.setup import load_task_split
@@ -56,10 +57,11 @@ def meta_base(cfg: DictConfig):
 
 
 def save_peft(model, out: Path) -> None:
-    """Save the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) only."""
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "README.md").unlink(missing_ok=True)
+    """Save the PEFT adapter folder (adapter_config.json + adapter_model.safetensors) only, atomically
+    (written beside `out`, then moved into place)."""
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)
 
 
 def fetch_paper_folder(cfg: DictConfig, folder: str, out: Path) -> None:

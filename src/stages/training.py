@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from tqdm.auto import tqdm
+
+from meteora.io import atomic_directory
 
 IGNORE = -100
 STATE_FILE = "trainer_state.pt"
@@ -169,13 +170,9 @@ def _log(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 def _save_checkpoint(folder: Path, model: PeftModel, optimizer, scheduler, state: dict) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({**state, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.replace(folder)
+    with atomic_directory(folder) as tmp:
+        torch.save({**state, "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
 
 
 def train_lora(
@@ -207,7 +204,7 @@ def train_lora(
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     start_step, losses, tokens, seconds = 0, [], 0, 0.0
     if folder is not None and (folder / STATE_FILE).is_file():
-        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=False)
+        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
         if state.get("fingerprint") == key:
             set_peft_model_state_dict(model, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
