@@ -348,6 +348,12 @@ def fingerprint(cfg: DictConfig, tasks: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_dir(cfg: DictConfig, run_key: str) -> Path:
+    """artifacts/checkpoints/gates/<fingerprint>/: one folder per configuration, so that a sweep (a DVC
+    experiment workspace keeps the untracked checkpoints) never resumes nor overwrites another run's state."""
+    return Path(cfg.paths.artifacts) / "checkpoints" / "gates" / run_key
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(argv)
     engine, info = setup_distributed(cfg)
@@ -369,11 +375,12 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
     examples = [encode(tokenizer, r["input"], r["target"], int(cfg.gate.max_length)) for _, r in records]
     settings = GateSettings.from_config(cfg.gate, int(cfg.seed))
     artifacts = Path(cfg.paths.artifacts)
+    run_key = fingerprint(cfg, tasks)
     with stage_run(cfg, "train_gates", params={"gate": cfg.gate, "meteora": cfg.meteora, "tasks": list(tasks),
                                                 "trainer": cfg.trainer}) as run:
         trainer = GateTrainer(
-            model, examples, [i for i, _ in records], settings, artifacts / "checkpoints" / "gates",
-            tokenizer.pad_token_id, balance=bool(cfg.gate.balance), fingerprint=fingerprint(cfg, tasks),
+            model, examples, [i for i, _ in records], settings, checkpoint_dir(cfg, run_key),
+            tokenizer.pad_token_id, balance=bool(cfg.gate.balance), fingerprint=run_key,
             log_fn=lambda metrics, step: run.log_metrics(metrics, step=step),
             forward_module=forward_module, gradient_accumulation=engine.gradient_accumulation,
         )
