@@ -35,3 +35,35 @@ def save_peft_adapter(
                 param.normal_(0, 0.5)
     peft_model.save_pretrained(str(path))
     return path
+
+
+WORDS = [f"w{i}" for i in range(80)]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<pad>", "</s>", *WORDS]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+@torch.no_grad()
+def reference_greedy_ids(model, ids: list[int], budget: int, eos_token_id: int, **kwargs) -> list[int]:
+    """One sequence, no padding, no KV cache: argmax of the full forward at every step; the new ids
+    (ending with EOS when it came). `kwargs` go to every forward (e.g. PEFT's adapter_names)."""
+    new: list[int] = []
+    for _ in range(budget):
+        logits = model(input_ids=torch.tensor([ids + new]), **kwargs).logits[0, -1]
+        new.append(int(logits.argmax()))
+        if new[-1] == eos_token_id:
+            break
+    return new
+
+
+def reference_greedy(model, tokenizer, prompt: str, budget: int) -> str:
+    """:func:`reference_greedy_ids` of one prompt, decoded."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(reference_greedy_ids(model, ids, budget, tokenizer.eos_token_id), skip_special_tokens=True)

@@ -5,36 +5,11 @@ for MeteoRA (whose gates must ignore the padding); every Table 1 score gets an i
 import pytest
 import torch
 
-from helpers import save_peft_adapter, tiny_llama
+from helpers import WORDS, reference_greedy, save_peft_adapter, tiny_llama, word_tokenizer
 from meteora import attach_meteora
 from stages.answers import DecodeSettings, Method, answer_tests
 from stages.evaluate import answer_with_routing, intervals_of
 from stages.generation import greedy_generate
-
-WORDS = [f"w{i}" for i in range(80)]
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<unk>", "<pad>", "</s>", *WORDS]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-
-
-@torch.no_grad()
-def reference_greedy(model, tokenizer, prompt: str, budget: int) -> str:
-    """One prompt, no padding, no KV cache: argmax of the full forward at every step."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    new = []
-    for _ in range(budget):
-        logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1]
-        new.append(int(logits.argmax()))
-        if new[-1] == tokenizer.eos_token_id:
-            break
-    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def prompts_and_budgets(seed: int = 0):

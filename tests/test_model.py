@@ -102,6 +102,22 @@ def test_generate_and_bf16(base, adapter_dirs):
     assert out.shape == (1, 7)
 
 
+def test_float32_gates_load_into_bf16_model_only_when_cast(base, adapter_dirs, tmp_path):
+    trained = attach_meteora(copy.deepcopy(base), adapter_dirs, top_k=2)
+    with torch.no_grad():
+        for gate in trained.gate_parameters():
+            gate.normal_()
+    trained.save_gates(tmp_path / "gates")
+    served = attach_meteora(copy.deepcopy(base).to(torch.bfloat16), adapter_dirs, top_k=2)
+    with pytest.raises(GateManifestError, match="saved as float32.*cast=True"):
+        served.load_gates(tmp_path / "gates")
+    served.load_gates(tmp_path / "gates", cast=True)
+    for name, layer in served.meteora_layers().items():
+        source = trained.meteora_layers()[name].gate.weight
+        assert layer.gate.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.gate.weight, source.to(torch.bfloat16))
+
+
 def test_gates_round_trip_and_refuse_other_adapters(base, adapter_dirs, tmp_path):
     meteora = attach_meteora(copy.deepcopy(base), adapter_dirs, top_k=2, temperature=3.0)
     with torch.no_grad():

@@ -174,12 +174,17 @@ def test_second_half_outputs(second_half):
     assert results["methods"] == methods and results["profile"]["tasks"] == TASKS
     assert all(set(results["per_task"][m]) == set(TASKS) for m in methods)
     assert set(results["composite"]["composite-3"]) == {"tasks", "meteora", "lora_b"}
+    chained = results["chained"]["composite-3"]
+    assert set(chained) == {"tasks", "meteora", "oracle", "lora_b", "base"}
+    assert set(chained["meteora"]["segment_routing"]["segment"]) == set(TASKS)
+    assert set(results["intervals"]["chained"]["composite-3"]) >= {"meteora", "meteora-lora_b", "meteora-oracle"}
     assert 0.0 <= results["routing"]["overall"] <= 1.0 and set(results["routing"]["per_task"]) == set(TASKS)
     summary = json.loads((project / "reports" / "eval" / "summary.json").read_text())
     assert set(summary["table1"]) == set(methods) and "routing_accuracy" in summary
-    trace = json.loads((project / "reports" / "eval" / "traces.json").read_text())["composite-3"]
+    trace = json.loads((project / "reports" / "eval" / "traces.json").read_text())["composite-3"]  # chained
     assert trace["adapters"] == TASKS and len(trace["share"]) == len(trace["top1"]) == len(trace["tokens"])
-    for name in ("table1", "per_task", "table2", "routing"):
+    assert [b["task"] for b in trace["boundaries"]] == TASKS and len(trace["answer_spans"]) == 3
+    for name in ("table1", "per_task", "table2", "chained", "routing"):
         assert (project / "reports" / "tables" / f"{name}.md").read_text().count("|") > 10, name
     for name in ("fig3_radar", "fig4_routing_trace", "fig5_strategies"):
         assert (project / "reports" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
@@ -228,7 +233,7 @@ def test_adapter_count_experiment(second_half):
     settings = [f"-S{o}" for o in (*TINY_OVERRIDES, *SECOND_HALF_OVERRIDES)]
     run(project, dvc, "exp", "run", "-n", "two-adapters", *settings, "-Smeteora.num_adapters=2")
     results = json.loads((project / "reports" / "eval" / "results.json").read_text())
-    assert results["profile"]["tasks"] == TASKS[:2] and results["composite"] == {}
+    assert results["profile"]["tasks"] == TASKS[:2] and results["composite"] == results["chained"] == {}
     manifest = json.loads((project / "artifacts" / "gates" / "manifest.json").read_text())
     assert manifest["adapters"] == TASKS[:2]
     shown = run(project, dvc, "exp", "show", "--json").stdout

@@ -89,9 +89,9 @@ def test_trace_index_out_of_range_is_named_before_decoding():
     from stages.evaluate import check_trace_index
 
     cfg = OmegaConf.create({"eval": {"trace": {"composite": "composite-3", "index": 4},
-                                     "composite": {"max_samples": 4}}})
+                                     "chained": {"max_samples": 4}}})
     composites = {"composite-3": [{"input": "a"}] * 4}
-    with pytest.raises(ConfigError, match=r"eval.trace.index=4: composite-3 has 4 prompts"):
+    with pytest.raises(ConfigError, match=r"eval.trace.index=4: composite-3 has 4 chained samples.*max_samples=4"):
         check_trace_index(cfg, composites)
     cfg.eval.trace.index = 3
     check_trace_index(cfg, composites)

@@ -74,9 +74,10 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def _read_checked(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read_checked(path: Path, expected: dict[str, torch.Tensor], cast: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of ``path``, after checking keys, shapes and dtypes against ``expected`` (module ->
-    the model's gate weight) from the file's header, and finite values once read."""
+    the model's gate weight) from the file's header, and finite values once read. ``cast``: a floating
+    dtype other than the model's is allowed and the values are cast to it (checked finite after the cast)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -97,12 +98,12 @@ def _read_checked(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                     raise GateManifestError(f"gates {path}, module {name}: shape {shape}, but this model's gate is {tuple(weight.shape)}")
                 want = str(weight.dtype).removeprefix("torch.")
                 have = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}.get(dtype, dtype)
-                if have != want:
+                if have != want and not (cast and have in ("float16", "bfloat16", "float32", "float64")):
                     raise GateManifestError(
                         f"gates {path}, module {name}: saved as {have}, but this model's gate is {want}; "
-                        "load the base model in the dtype the gates were trained in"
+                        "load the base model in the dtype the gates were trained in, or load with cast=True"
                     )
-            state = {name: fh.get_tensor(name) for name in expected}
+            state = {name: fh.get_tensor(name).to(weight.dtype) for name, weight in expected.items()}
     except GateManifestError:
         raise
     except Exception as err:  # safetensors raises several types for a damaged or truncated file
@@ -120,11 +121,13 @@ def load_gate_state(
     expected: dict[str, torch.Tensor],
     base_model: str,
     allow_other_base: bool = False,
+    cast: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Read gates saved by :func:`save_gate_state` after checking them against the model: adapters (names
     and order), modules (manifest and file), each tensor's shape, dtype and values, and the base model
     (an error, or a warning with ``allow_other_base``). ``expected``: module name -> the model's gate
-    weight. Returns (module name -> weight, manifest); raises :class:`GateManifestError`."""
+    weight; ``cast``: gates saved in another floating dtype are cast to the model's. Returns (module name
+    -> weight, manifest); raises :class:`GateManifestError`."""
     manifest = read_manifest(directory)
     manifest_path = Path(directory) / MANIFEST_FILE
     saved = list(manifest["adapters"])
@@ -144,4 +147,4 @@ def load_gate_state(
         if not allow_other_base:
             raise GateManifestError(f"{message}. Pass allow_other_base=True if it is the same model under another name.")
         warnings.warn(f"{message} (loaded anyway: allow_other_base=True)", UserWarning, stacklevel=3)
-    return _read_checked(Path(directory) / GATES_FILE, expected), manifest
+    return _read_checked(Path(directory) / GATES_FILE, expected, cast), manifest

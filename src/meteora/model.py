@@ -176,17 +176,19 @@ class MeteoRAModel(nn.Module):
         state = {name: layer.gate.weight for name, layer in self.meteora_layers().items()}
         save_gate_state(directory, state, self.adapter_names, self.base_model_name, self.top_k, self.temperature)
 
-    def load_gates(self, directory: str | os.PathLike, use_manifest_settings: bool = True, allow_other_base: bool = False) -> dict:
+    def load_gates(self, directory: str | os.PathLike, use_manifest_settings: bool = True, allow_other_base: bool = False,
+                   cast: bool = False) -> dict:
         """Load gates saved by :meth:`save_gates`, completely or not at all: everything is checked before
         anything is copied, and :class:`~meteora.GateManifestError` (naming the file and module) is raised
         for a damaged file, a manifest without a key, other adapters or another order, a missing or extra
         module, a wrong shape or dtype, NaN values, or gates trained on another base model (the manifest's
         ``base_model`` against :attr:`base_model_name`; ``allow_other_base=True`` loads them with a
-        warning, e.g. for the same model saved under another path). Returns the manifest; with
-        ``use_manifest_settings`` its top_k and temperature are applied."""
+        warning, e.g. for the same model saved under another path). ``cast=True`` loads gates saved in
+        another floating dtype into this model's (e.g. float32 gates into a bfloat16 model for inference).
+        Returns the manifest; with ``use_manifest_settings`` its top_k and temperature are applied."""
         layers = self.meteora_layers()
         expected = {name: layer.gate.weight for name, layer in layers.items()}
-        state, manifest = load_gate_state(directory, self.adapter_names, expected, self.base_model_name, allow_other_base)
+        state, manifest = load_gate_state(directory, self.adapter_names, expected, self.base_model_name, allow_other_base, cast)
         if use_manifest_settings:
             for layer in layers.values():
                 check_routing_args(layer.num_adapters, int(manifest["top_k"]), float(manifest["temperature"]), layer.mode)

@@ -26,14 +26,16 @@ def load_tests(cfg: DictConfig, tasks: Sequence[str]) -> dict[str, list[dict]]:
     return {t: load_task_split(cfg, t, "test", cfg.eval.max_test_per_task) for t in tasks}
 
 
-def load_composites(cfg: DictConfig, tasks: Sequence[str], quiet: bool = False) -> dict[str, list[dict]]:
-    """The composite sets whose sub-tasks all have an adapter here (others are skipped, with a note)."""
+def load_composites(cfg: DictConfig, tasks: Sequence[str], quiet: bool = False, chained: bool = False) -> dict[str, list[dict]]:
+    """The composite sets whose sub-tasks all have an adapter here (others are skipped, with a note):
+    `eval.composite.names` / `max_samples` (paper format), or `eval.chained.*` with `chained`."""
+    settings = cfg.eval.chained if chained else cfg.eval.composite
     out = {}
-    for name in cfg.eval.composite.names or list(cfg.tasks.composites):
+    for name in settings.names or list(cfg.tasks.composites):
         path = Path(cfg.paths.data) / "composite" / f"{name}.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"composite set {name!r}: {path} does not exist (run the build_datasets stage)")
-        records = read_jsonl(path)[: int(cfg.eval.composite.max_samples)]
+        records = read_jsonl(path)[: int(settings.max_samples)]
         missing = sorted({t for r in records for t in r["tasks"]} - set(tasks))
         if missing:
             if not quiet:
@@ -43,12 +45,12 @@ def load_composites(cfg: DictConfig, tasks: Sequence[str], quiet: bool = False) 
     return out
 
 
-def check_trace_index(cfg: DictConfig, composites: dict[str, list[dict]]) -> None:
-    """Fail before any decoding when `eval.trace.index` names no prompt of the traced composite set."""
+def check_trace_index(cfg: DictConfig, chained: dict[str, list[dict]]) -> None:
+    """Fail before any decoding when `eval.trace.index` names no sample of the traced chained set."""
     name, index = cfg.eval.trace.composite, int(cfg.eval.trace.index)
-    if name in composites and not 0 <= index < len(composites[name]):
-        raise ConfigError(f"eval.trace.index={index}: {name} has {len(composites[name])} prompts here "
-                          f"(eval.composite.max_samples={cfg.eval.composite.max_samples})")
+    if name in chained and not 0 <= index < len(chained[name]):
+        raise ConfigError(f"eval.trace.index={index}: {name} has {len(chained[name])} chained samples here "
+                          f"(eval.chained.max_samples={cfg.eval.chained.max_samples})")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Methods (`eval.methods` among base, oracle, lora_b): the base model; PEFT with every task's own adapter
 chosen by hand (the oracle, an upper reference: it is told the task); the LoRA-B baseline (one LoRA on
-the task mixture), which also answers the composite sets (Table 2). A gate sweep (`meteora.*`, `gate.*`)
+the task mixture), which also answers the composite sets (Table 2). All three answer the chained
+composite sets (:mod:`stages.chained`; the oracle with each segment's own adapter). Decoding in
+`eval.dtype`. A gate sweep (`meteora.*`, `gate.*`)
 leaves this stage cached. Writes reports/eval/baselines.json (scores with per-example values, the
 predictions, and a digest of the test prompts that evaluate checks before merging).
 Run: `python -m stages.baselines [eval.max_test_per_task=5 ...]`.
@@ -28,8 +30,9 @@ from stages.answers import (
     score_tests,
     table1_row,
 )
+from stages.chained import answer_chained, score_chains
 from stages.common import ConfigError, load_config, seed_everything, set_threads, stage_run
-from stages.setup import adapter_dir, load_base, task_list
+from stages.setup import adapter_dir, decode_dtype, load_base, task_list
 
 BASELINES = ("base", "oracle", "lora_b")
 
@@ -54,8 +57,10 @@ def baselines(cfg: DictConfig) -> dict:
     tasks = task_list(cfg)
     tests = load_tests(cfg, tasks)
     composites = load_composites(cfg, tasks)
+    chained_sets = load_composites(cfg, tasks, quiet=True, chained=True)
     decode = DecodeSettings.tests(cfg.eval)
-    per_task, composite, predictions, timing = {}, {}, {}, {}
+    dtype = decode_dtype(cfg)
+    per_task, composite, chained, predictions, timing = {}, {}, {}, {}, {}
 
     def record(name: str, preds: dict[str, list[str]], started: float) -> None:
         predictions[name] = preds
@@ -63,27 +68,41 @@ def baselines(cfg: DictConfig) -> dict:
         timing[name] = round(time.perf_counter() - started, 1)
         print(f"baselines: {name}: average {table1_row(per_task[name])['average']:.2f} ({timing[name]} s)")
 
+    def record_chained(method: Method) -> None:
+        for name, records in chained_sets.items():
+            started = time.perf_counter()
+            chains = answer_chained(method, records, decode.max_new_tokens, int(cfg.eval.chained.batch_size),
+                                    str(cfg.eval.chained.separator))
+            predictions.setdefault(f"chained/{method.name}", {})[name] = [c.answers for c in chains]
+            chained.setdefault(name, {"tasks": records[0]["tasks"]})[method.name] = score_chains(records, chains)
+            timing[f"chained/{name}/{method.name}"] = round(time.perf_counter() - started, 1)
+
     if "base" in methods:
         started = time.perf_counter()
-        model, tokenizer = load_base(cfg)
-        record("base", answer_tests(Method("base", model, tokenizer), tests, decode), started)
-        del model
+        model, tokenizer = load_base(cfg, dtype)
+        base = Method("base", model, tokenizer)
+        record("base", answer_tests(base, tests, decode), started)
+        record_chained(base)
+        del model, base
     if "oracle" in methods or "lora_b" in methods:
         from peft import PeftModel
 
         started = time.perf_counter()
-        model, tokenizer = load_base(cfg)
+        model, tokenizer = load_base(cfg, dtype)
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir(cfg, tasks[0])), adapter_name=tasks[0])
         if "oracle" in methods:
             for task in tasks[1:]:
                 peft_model.load_adapter(str(adapter_dir(cfg, task)), adapter_name=task)
-            record("oracle", answer_tests(Method("oracle", peft_model, tokenizer, oracle=True), tests, decode), started)
+            oracle = Method("oracle", peft_model, tokenizer, oracle=True)
+            record("oracle", answer_tests(oracle, tests, decode), started)
+            record_chained(oracle)
         if "lora_b" in methods:
             started = time.perf_counter()
             peft_model.load_adapter(str(Path(cfg.paths.artifacts) / "lora_b"), adapter_name="lora_b")
             peft_model.set_adapter("lora_b")
             lora_b = Method("lora_b", peft_model, tokenizer)
             record("lora_b", answer_tests(lora_b, tests, decode), started)
+            record_chained(lora_b)
             for name, records in composites.items():
                 started = time.perf_counter()
                 texts = answer_composite(lora_b, records, DecodeSettings.composite(cfg.eval, len(records[0]["tasks"])))
@@ -95,9 +114,12 @@ def baselines(cfg: DictConfig) -> dict:
         "methods": [m for m in BASELINES if m in per_task],
         "tests": {t: {"n": len(r), "digest": digest(r)} for t, r in tests.items()},
         "composites": {n: {"n": len(r), "digest": digest(r)} for n, r in composites.items()},
+        "chained_sets": {n: {"n": len(r), "digest": digest(r)} for n, r in chained_sets.items()},
+        "dtype": dtype,
         "per_task": per_task,
         "table1": {m: table1_row(per_task[m]) for m in per_task},
         "composite": composite,
+        "chained": chained,
         "timing_s": timing,
         "predictions": predictions,
     }

@@ -139,8 +139,18 @@ class CompositeConfig:
 
 
 @dataclass
+class ChainedConfig:
+    """`eval.chained`: chained composite-n (one sequence, each sub-question after the model's own answer)."""
+
+    names: list[str] | None = None
+    max_samples: int = 8
+    batch_size: int = 4
+    separator: str = "\n\n"
+
+
+@dataclass
 class TraceConfig:
-    """`eval.trace`: the composite answer whose routing Figure 4 draws."""
+    """`eval.trace`: the chained composite answer whose routing Figure 4 draws."""
 
     composite: str = "composite-3"
     index: int = 0
@@ -153,10 +163,12 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["base", "oracle", "lora_b", "meteora"])
     meteora_top_ks: list[int] = field(default_factory=lambda: [1, 2])
     max_test_per_task: int | None = 12
+    dtype: str | None = None
     batch_size: int = 16
     max_prompt_tokens: int | None = 512
     max_new_tokens: dict[str, int] = field(default_factory=dict)
     composite: CompositeConfig = field(default_factory=CompositeConfig)
+    chained: ChainedConfig = field(default_factory=ChainedConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
 
 

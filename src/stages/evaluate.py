@@ -2,7 +2,9 @@
 merged with the baselines' rows (stage baselines) into the tables' results.
 
 MeteoRA top-k for each k of `eval.meteora_top_ks` (and `meteora.top_k`); nothing tells MeteoRA the task.
-Composite-n (Table 2): MeteoRA vs LoRA-B, each sub-task scored from the numbered answer. The baselines'
+Composite-n (Table 2): MeteoRA vs LoRA-B, each sub-task scored from the numbered answer. Chained
+composite-n (:mod:`stages.chained`): MeteoRA vs base, oracle and LoRA-B, with per-segment routing and the
+trace Figure 4 draws. Decoding in `eval.dtype` (gates trained in another dtype are cast). The baselines'
 results must come from the same test prompts (checked by digest). Writes
 reports/eval/{results,summary,traces}.json (with 95% bootstrap intervals) and the predictions.
 Run: `python -m stages.evaluate [eval.max_test_per_task=5 ...]` (after `python -m stages.baselines` with
@@ -34,9 +36,10 @@ from stages.answers import (
     test_items,
 )
 from stages.baselines import BASELINES, digest
+from stages.chained import answer_chained, chain_routing, score_chains
 from stages.common import ConfigError, load_config, read_json, seed_everything, set_threads, stage_run
 from stages.launch import setup_distributed
-from stages.setup import build_meteora, check_top_k, selected_tasks
+from stages.setup import build_meteora, check_top_k, decode_dtype, selected_tasks
 from stages.stats import bootstrap, bootstrap_ratio, paired
 from stages.traces import Top1RoutingRecorder, answer_trace
 
@@ -49,17 +52,22 @@ def baselines_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.reports) / "eval" / "baselines.json"
 
 
-def load_baselines(cfg: DictConfig, tests: dict[str, list[dict]], composites: dict[str, list[dict]]) -> dict:
+def load_baselines(cfg: DictConfig, tests: dict[str, list[dict]], composites: dict[str, list[dict]],
+                   chained: dict[str, list[dict]]) -> dict:
     """reports/eval/baselines.json restricted to this run's tasks, after checking that it scored the
     same test prompts and composite sets (same count and digest); a mismatch names the set. Nothing
     when `eval.methods` names no baseline."""
     if not set(cfg.eval.methods) & set(BASELINES):
-        return {"methods": [], "per_task": {}, "composite": {}, "timing_s": {}, "predictions": {}}
+        return {"methods": [], "per_task": {}, "composite": {}, "chained": {}, "timing_s": {}, "predictions": {}}
     path = baselines_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the baselines stage first (python -m stages.baselines)")
     base = read_json(path)
-    for kind, sets, recorded in (("task", tests, base["tests"]), ("composite set", composites, base["composites"])):
+    if base.get("dtype") != decode_dtype(cfg):
+        raise ConfigError(f"{path} was decoded in {base.get('dtype')}, this run decodes in {decode_dtype(cfg)} "
+                          "(eval.dtype): re-run the baselines stage with the same eval settings")
+    for kind, sets, recorded in (("task", tests, base["tests"]), ("composite set", composites, base["composites"]),
+                                 ("chained set", chained, base.get("chained_sets", {}))):
         for name, records in sets.items():
             seen = recorded.get(name)
             if seen is None or seen["n"] != len(records) or seen["digest"] != digest(records):
@@ -70,8 +78,9 @@ def load_baselines(cfg: DictConfig, tests: dict[str, list[dict]], composites: di
         "methods": base["methods"],
         "per_task": {m: {t: s[t] for t in keep} for m, s in base["per_task"].items()},
         "composite": {n: c for n, c in base["composite"].items() if n in composites},
+        "chained": {n: c for n, c in base["chained"].items() if n in chained},
         "timing_s": base["timing_s"],
-        "predictions": {m: ({t: p[t] for t in keep} if not m.startswith("composite/") else p)
+        "predictions": {m: ({t: p[t] for t in keep} if "/" not in m else p)
                         for m, p in base["predictions"].items()},
     }
 
@@ -116,8 +125,9 @@ def evaluate(cfg: DictConfig) -> dict:
     tasks = selected_tasks(cfg)
     tests = load_tests(cfg, tasks)
     composites = load_composites(cfg, tasks)
-    check_trace_index(cfg, composites)
-    base = load_baselines(cfg, tests, composites)
+    chained_sets = load_composites(cfg, tasks, quiet=True, chained=True)
+    check_trace_index(cfg, chained_sets)
+    base = load_baselines(cfg, tests, composites, chained_sets)
     decode = DecodeSettings.tests(cfg.eval)
     gate_top_k = int(cfg.meteora.top_k)
     for k in cfg.eval.meteora_top_ks:
@@ -126,10 +136,12 @@ def evaluate(cfg: DictConfig) -> dict:
     top_ks = sorted({int(k) for k in cfg.eval.meteora_top_ks} | {gate_top_k})
     per_task, predictions, timing = dict(base["per_task"]), dict(base["predictions"]), dict(base["timing_s"])
     comp = {name: dict(c) for name, c in base["composite"].items()}
+    chained = {name: dict(c) for name, c in base["chained"].items()}
     routing_by_k, traces = {}, {}
     if "meteora" in cfg.eval.methods:
-        model, tokenizer = build_meteora(cfg, tasks, top_k=gate_top_k, temperature=float(cfg.meteora.temperature))
-        manifest = model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False)
+        model, tokenizer = build_meteora(cfg, tasks, top_k=gate_top_k, temperature=float(cfg.meteora.temperature),
+                                         dtype=decode_dtype(cfg))
+        manifest = model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
         print(f"evaluate: MeteoRA gates for {manifest['adapters']}")
         model.eval()
         for k in top_ks:
@@ -156,11 +168,27 @@ def evaluate(cfg: DictConfig) -> dict:
             comp.setdefault(name, {"tasks": records[0]["tasks"]})["meteora"] = scores
             timing[f"{name}/meteora"] = round(time.perf_counter() - started, 1)
             index = int(cfg.eval.trace.index)
-            if name == cfg.eval.trace.composite and not answer_traces[index]:
-                print(f"evaluate: {name} answer {index} is empty: no routing trace (Figure 4)")
-            elif name == cfg.eval.trace.composite:
-                traces[name] = {"title": f"MeteoRA routing across a {name} answer (test sample {index})",
-                                "tasks": records[index]["tasks"], **answer_traces[index]}
+            if name == cfg.eval.trace.composite and index < len(answer_traces) and answer_traces[index]:
+                traces[f"numbered/{name}"] = {"title": f"MeteoRA routing across a {name} numbered answer",
+                                              "tasks": records[0]["tasks"], **answer_traces[index]}
+        for name, records in chained_sets.items():
+            started = time.perf_counter()
+            model.set_temperature(float(cfg.eval.composite.temperature.get(name, cfg.meteora.temperature)))
+            method = Method("meteora", model, tokenizer)
+            chains = answer_chained(method, records, decode.max_new_tokens, int(cfg.eval.chained.batch_size),
+                                    str(cfg.eval.chained.separator))
+            predictions.setdefault("chained/meteora", {})[name] = [c.answers for c in chains]
+            index = int(cfg.eval.trace.index) if name == cfg.eval.trace.composite else None
+            routing = chain_routing(model, tokenizer, records, chains, int(cfg.eval.chained.batch_size), index)
+            scores = score_chains(records, chains)
+            scores["segment_routing"] = {"segment": routing["segment"], "answer": routing["answer"],
+                                         "per_sample_segment": routing["per_sample_segment"]}
+            chained.setdefault(name, {"tasks": records[0]["tasks"]})["meteora"] = scores
+            timing[f"chained/{name}/meteora"] = round(time.perf_counter() - started, 1)
+            if routing["trace"]:
+                traces[name] = {"title": f"MeteoRA routing across a chained {name} sequence (test sample {index})",
+                                "tasks": records[0]["tasks"], **routing["trace"]}
+        model.set_temperature(float(cfg.meteora.temperature))
     methods_run = [m for m in (*BASELINES, *map(meteora_method, top_ks)) if m in per_task]
     return {
         "profile": {
@@ -170,12 +198,15 @@ def evaluate(cfg: DictConfig) -> dict:
             "num_adapters": len(tasks),
             "test_examples_per_task": {t: len(r) for t, r in tests.items()},
             "composite_samples": {n: len(r) for n, r in composites.items()},
+            "chained_samples": {n: len(r) for n, r in chained_sets.items()},
+            "dtype": decode_dtype(cfg),
         },
         "methods": methods_run,
         "metric_per_task": {t: r[0]["metric"] for t, r in tests.items()},
         "table1": {m: table1_row(per_task[m]) for m in methods_run},
         "per_task": {m: per_task[m] for m in methods_run},
         "composite": comp,
+        "chained": chained,
         "routing": routing_by_k.get(gate_top_k),
         "routing_overall_by_top_k": {str(k): r["overall"] for k, r in routing_by_k.items()},
         "traces": traces,
@@ -191,7 +222,7 @@ def intervals_of(results: dict) -> dict:
     def examples(method: str) -> dict[str, list[float]]:
         return {t: s["per_example"] for t, s in results["per_task"][method].items()}
 
-    def composite_examples(comp: dict) -> dict[str, list[float]]:
+    def composite_examples(comp: dict) -> dict[str, list[float]]:  # also a chained set's method
         per_sub = [s["per_example"] for s in comp["subtasks"].values()]
         return {"all": [sum(v) / len(v) for v in zip(*per_sub)]}  # sub-tasks share the prompt: resample prompts
 
@@ -211,6 +242,13 @@ def intervals_of(results: dict) -> dict:
         out["composite"][name] = {m: bootstrap(v).to_dict() for m, v in per.items()}
         if len(per) == 2:
             out["composite"][name]["meteora-lora_b"] = paired(per["meteora"], per["lora_b"]).to_dict()
+    out["chained"] = {}
+    for name, chain in results.get("chained", {}).items():
+        per = {m: composite_examples(chain[m]) for m in ("meteora", "oracle", "lora_b", "base") if m in chain}
+        out["chained"][name] = {m: bootstrap(v).to_dict() for m, v in per.items()}
+        for other in ("lora_b", "base", "oracle"):
+            if "meteora" in per and other in per:
+                out["chained"][name][f"meteora-{other}"] = paired(per["meteora"], per[other]).to_dict()
     routing = results.get("routing")
     if routing and "per_prompt" in routing:
         out["routing"] = bootstrap_ratio(routing["per_prompt"]["correct"], routing["per_prompt"]["count"]).to_dict()
@@ -231,7 +269,12 @@ def summary_of(results: dict) -> dict:
         name: {m: round(v[m]["average"], 2) for m in ("meteora", "lora_b") if m in v}
         for name, v in results["composite"].items()
     }
+    out["chained"] = {
+        name: {m: round(v[m]["average"], 2) for m in ("meteora", "oracle", "lora_b", "base") if m in v}
+        for name, v in results.get("chained", {}).items()
+    }
     out["intervals"] = {
+        "chained": {n: {m: _rounded(ci) for m, ci in d.items()} for n, d in results["intervals"].get("chained", {}).items()},
         "table1": {m: _rounded(ci) for m, ci in results["intervals"]["table1"].items()},
         "paired": {k: _rounded(ci) for k, ci in results["intervals"]["paired"].items()},
         "composite": {n: {m: _rounded(ci) for m, ci in d.items()} for n, d in results["intervals"]["composite"].items()},
@@ -272,7 +315,7 @@ def run(cfg: DictConfig) -> None:
         mlrun.write_json(reports / "summary.json", summary)
         mlrun.write_json(reports / "traces.json", traces)
         mlrun.write_json(Path(cfg.paths.artifacts) / "eval" / "predictions.json", predictions, artifact=False)
-        mlrun.log_metrics({"table1": summary["table1"], "composite": summary["composite"],
+        mlrun.log_metrics({"table1": summary["table1"], "composite": summary["composite"], "chained": summary["chained"],
                            "routing_accuracy": summary.get("routing_accuracy")})
 
 

@@ -44,23 +44,26 @@ def radar(scores: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path:
 
 def routing_trace(trace: Mapping, path: Path) -> None:
     """Figure 4: token position (x) vs adapter (y), colour = share of MeteoRA modules whose top-1
-    is that adapter; dots mark the majority adapter, dashed lines the sub-answer boundaries.
+    is that adapter; dots mark the majority adapter, dashed lines the segment boundaries (labelled with
+    the segment's task), dotted lines where each answer starts.
 
     trace: {"adapters": [N names], "share": T x N list, "top1": [T ints], "boundaries":
-    [{"position": int, "task": str}], "title": str}
+    [{"position": int, "task": str}], "answer_spans": [[start, end]] (optional), "title": str}
     """
     share = np.asarray(trace["share"], dtype=float).T  # (N, T)
     adapters = trace["adapters"]
-    fig, ax = plt.subplots(figsize=(max(8, share.shape[1] / 8), 1.2 + 0.35 * len(adapters)))
+    fig, ax = plt.subplots(figsize=(min(24, max(8, share.shape[1] / 8)), 1.2 + 0.35 * len(adapters)))
     image = ax.imshow(share, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(image, ax=ax, pad=0.01, label="share of modules (top-1)")
-    ax.scatter(range(share.shape[1]), trace["top1"], s=6, c="crimson", label="majority top-1")
+    ax.scatter(range(share.shape[1]), trace["top1"], s=4, c="crimson", label="majority top-1")
     for b in trace["boundaries"]:
         ax.axvline(b["position"] - 0.5, color="black", linestyle="--", linewidth=1)
         ax.text(b["position"], -0.7, b["task"], fontsize=7, rotation=20, ha="left", va="bottom")
+    for start, _ in trace.get("answer_spans", []):
+        ax.axvline(start - 0.5, color="darkorange", linestyle=":", linewidth=1)
     ax.set_yticks(range(len(adapters)))
     ax.set_yticklabels(adapters, fontsize=7)
-    ax.set_xlabel("token position in the answer")
+    ax.set_xlabel("token position" + (" (dotted: the model's answer starts)" if trace.get("answer_spans") else " in the answer"))
     ax.set_title(trace.get("title", "routing trace"), pad=28)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     _save(fig, path)

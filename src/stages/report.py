@@ -1,8 +1,8 @@
 """Stage report: the paper's tables (Markdown) and figures (PNG) from the JSON of the earlier stages.
 
 Reads reports/eval/{results,traces}.json, reports/train_gates.json and every reports/benchmark/*.json;
-writes reports/tables/{table1,per_task,table2,routing}.md, reports/figures/{fig3_radar,
-fig4_routing_trace,fig5_strategies}.png, reports/plots/table1.json (for `dvc plots`) and
+writes reports/tables/{table1,per_task,table2,chained,routing}.md, reports/figures/{fig3_radar,
+fig4_routing_trace,fig4b_routing_numbered,fig5_strategies}.png, reports/plots/table1.json (for `dvc plots`) and
 reports/results.md (all of it on one page, with date, machine and command).
 Run: `python -m stages.report`.
 """
@@ -83,6 +83,54 @@ def table2(results: dict) -> str:
             + markdown_table(["set", "sub-task", "MeteoRA", "LoRA-B"], rows))
 
 
+CHAINED_METHODS = ("meteora", "oracle", "lora_b", "base")
+SEGMENT_GOAL = 0.8  # share of a chained segment's tokens routed to the segment's own adapter
+
+
+def chained_table(results: dict) -> str:
+    """Chained composite-n: per sub-task scores, averages with intervals, MeteoRA's paired differences,
+    and the per-segment routing of MeteoRA against the 80% goal."""
+    chained = results.get("chained") or {}
+    if not chained:
+        return ""
+    cis = results.get("intervals", {}).get("chained", {})
+    labels = {"meteora": "MeteoRA", "oracle": "oracle (segment's own adapter)", "lora_b": "LoRA-B", "base": "base model"}
+    rows, claims, segments = [], [], []
+    for name, chain in chained.items():
+        methods = [m for m in CHAINED_METHODS if m in chain]
+        for task in chain["tasks"]:
+            rows.append([name, task, *[chain[m]["subtasks"][task]["score"] if m in chain else None for m in CHAINED_METHODS]])
+        rows.append([name, "**average [95% CI]**",
+                     *[with_interval(cis.get(name, {}).get(m), chain[m]["average"]) if m in chain else None
+                       for m in CHAINED_METHODS]])
+        for other in methods[1:]:
+            ci = cis.get(name, {}).get(f"meteora-{other}")
+            if ci:
+                claims.append([name, f"MeteoRA - {labels[other]}", with_interval(ci),
+                               "yes" if ci["low"] > 0 else ("reversed" if ci["high"] < 0 else "no")])
+        routing = chain.get("meteora", {}).get("segment_routing", {})
+        for task in chain["tasks"]:
+            seg, ans = routing.get("segment", {}).get(task), routing.get("answer", {}).get(task)
+            if seg is not None:
+                segments.append([name, task, 100 * seg, 100 * ans if ans is not None else None,
+                                 "yes" if seg >= SEGMENT_GOAL else "no"])
+    n = max(results["profile"].get("chained_samples", {}).values(), default=0)
+    text = (f"**Table 2b.** Chained composite-n ({n} samples per set): the n sub-questions in ONE sequence, "
+            "sub-question i appended after the model's own answer to i-1 (the whole history in the context); "
+            "each sub-answer scored on its own task (Table 1's metric and budget). The average's 95% interval "
+            "resamples samples.\n\n"
+            + markdown_table(["set", "sub-task", *[labels[m] for m in CHAINED_METHODS]], rows))
+    if claims:
+        text += ("\nMeteoRA's paired differences on the same samples (a claim holds where the interval "
+                 "excludes 0).\n\n" + markdown_table(["set", "difference", "estimate [95% CI]", "MeteoRA better"], claims))
+    if segments:
+        text += (f"\nMeteoRA's routing per chained segment: share (%) of the segment's tokens (question and answer; "
+                 f"answer alone) whose majority top-1 adapter is the segment's task; goal {100 * SEGMENT_GOAL:.0f}%.\n\n"
+                 + markdown_table(["set", "segment task", "segment tokens (%)", "answer tokens (%)",
+                                   f">= {100 * SEGMENT_GOAL:.0f}%"], segments))
+    return text
+
+
 def routing_table(results: dict, train: dict | None) -> str:
     routing = results.get("routing")
     if not routing:
@@ -131,7 +179,7 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
         written.append(path)
 
     sections = {"table1": table1(results), "per_task": per_task_table(results), "table2": table2(results),
-                "routing": routing_table(results, train)}
+                "chained": chained_table(results), "routing": routing_table(results, train)}
     for key, text in sections.items():
         write(tables / f"{key}.md", text)
 
@@ -139,9 +187,10 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
     scores = {label(m): {t: results["per_task"][m][t]["score"] for t in tasks} for m in results["methods"]}
     radar(scores, tasks, figures / "fig3_radar.png", "Figure 3: primary score per task")
     written.append(figures / "fig3_radar.png")
-    if traces:
-        routing_trace(next(iter(traces.values())), figures / "fig4_routing_trace.png")
-        written.append(figures / "fig4_routing_trace.png")
+    for key, trace in traces.items():  # the chained trace is Figure 4; the numbered answer's, Figure 4b
+        path = figures / ("fig4b_routing_numbered.png" if key.startswith("numbered/") else "fig4_routing_trace.png")
+        routing_trace(trace, path)
+        written.append(path)
     series = {}
     for path in sorted((reports / "benchmark").glob("*.json")):
         found = benchmark_series(path.stem, read_json(path))

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from stages.adapters import check_task
 from stages.answers import DecodeSettings, Method, answer_tests, score_tests
 from stages.common import load_config, seed_everything, set_threads, stage_run
-from stages.setup import adapter_dir, load_base, load_task_split
+from stages.setup import adapter_dir, decode_dtype, load_base, load_task_split
 from stages.stats import bootstrap, paired
 
 
@@ -31,9 +31,9 @@ def score_adapter(cfg: DictConfig, task: str) -> dict:
     metric = tests[task][0]["metric"]
     ev = cfg.adapter.eval
     decode = DecodeSettings(int(ev.batch_size), int(cfg.model.max_length), {metric: int(ev.max_new_tokens)})
-    model, tokenizer = load_base(cfg)
+    model, tokenizer = load_base(cfg, decode_dtype(cfg))
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir(cfg, task)), adapter_name=task)
-    report: dict = {"task": task, "metric": metric, "eval_examples": len(tests[task])}
+    report: dict = {"task": task, "metric": metric, "eval_examples": len(tests[task]), "dtype": decode_dtype(cfg)}
     for side in ("adapter", "base"):
         if side == "base":
             with peft_model.disable_adapter():

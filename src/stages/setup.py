@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meteora import MeteoRAModel, attach_meteora
@@ -54,21 +54,29 @@ def adapter_dir(cfg: DictConfig, task: str) -> Path:
     return Path(cfg.paths.artifacts) / "adapters" / task
 
 
-def load_base(cfg: DictConfig):
-    """The base causal LM (in `model.dtype`, eval mode, on this process's device) and its tokenizer
-    (left padding) from artifacts/model."""
+def decode_dtype(cfg: DictConfig) -> str:
+    """The dtype the decoding stages load the model in: `eval.dtype`, or `model.dtype` when it is null."""
+    return str(OmegaConf.select(cfg, "eval.dtype", default=None) or cfg.model.get("dtype", "float32"))
+
+
+def load_base(cfg: DictConfig, dtype: str | None = None):
+    """The base causal LM (in `dtype`, default `model.dtype`; eval mode, on this process's device) and
+    its tokenizer (left padding) from artifacts/model."""
     path = model_dir(cfg)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no base model in {path} (run the prepare_model stage)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    dtype = torch_dtype(str(cfg.model.get("dtype", "float32")))
+    setting = "model.dtype" if dtype is None else "eval.dtype"
+    dtype = torch_dtype(str(dtype or cfg.model.get("dtype", "float32")), setting)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device()).eval()
     return model, tokenizer
 
 
-def build_meteora(cfg: DictConfig, tasks: list[str], top_k: int, temperature: float) -> tuple[MeteoRAModel, object]:
-    """The base model with the tasks' adapters embedded (in `tasks` order) and fresh gates."""
-    model, tokenizer = load_base(cfg)
+def build_meteora(cfg: DictConfig, tasks: list[str], top_k: int, temperature: float,
+                  dtype: str | None = None) -> tuple[MeteoRAModel, object]:
+    """The base model (in `dtype`, default `model.dtype`) with the tasks' adapters embedded (in `tasks`
+    order, cast to that dtype) and fresh gates."""
+    model, tokenizer = load_base(cfg, dtype)
     adapters = {task: adapter_dir(cfg, task) for task in tasks}
     check_top_k(top_k, len(tasks), "meteora.top_k")
     meteora = attach_meteora(model, adapters, top_k=top_k, temperature=temperature,

@@ -30,8 +30,9 @@ def build_composite(
     seed: int,
     paper_tasks: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Composite records `{"name", "tasks", "paper_tasks", "input", "targets", "targets_all",
-    "metrics"}` built from task records (see `Example.record`).
+    """Composite records `{"name", "tasks", "paper_tasks", "input", "questions", "targets", "targets_all",
+    "metrics"}` built from task records (see `Example.record`); `questions` are the sub-tasks' own test
+    prompts, which the chained protocol (:mod:`stages.chained`) asks one after the other.
 
     The `n_shots` worked examples take one train record per task each, chosen at random among the
     shorter half of the train split (keeps the prompt within the model's context); the questions are
@@ -68,6 +69,7 @@ def build_composite(
             "tasks": list(tasks),
             "paper_tasks": list(paper_tasks or tasks),
             "input": f"{prefix}{QUESTIONS_HEADER}\n\n{_block([r['input'] for r in picked])}\n\n",
+            "questions": [r["input"] for r in picked],
             "targets": [r["target"] for r in picked],
             "targets_all": [list(r["targets"]) for r in picked],
             "metrics": [r["metric"] for r in picked],
