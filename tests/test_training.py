@@ -80,11 +80,25 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     for name, value in _weights(straight).items():
         torch.testing.assert_close(_weights(resumed)[name], value)
 
-    # other settings: the checkpoint is not used
+    # other settings: the checkpoint is neither used nor overwritten (one folder per fingerprint)
     other = with_lora(tiny_llama(seed=4), LORA, seed=0)
     (tmp_path / "c").mkdir()
     train_lora(other, data, TrainSettings(**{**settings.__dict__, "steps": 5}), pad_id=0, checkpoint_dir=tmp_path / "c")
+    [first] = list((tmp_path / "c").iterdir())
+    kept = (first / training.STATE_FILE).read_bytes()
     assert train_lora(other, data, settings, pad_id=0, checkpoint_dir=tmp_path / "c")["resumed_from"] == 0
+    assert len(list((tmp_path / "c").iterdir())) == 2 and (first / training.STATE_FILE).read_bytes() == kept
+
+
+def test_unreadable_adapter_checkpoint_is_named(tmp_path):
+    data = random_data(6, seed=7)
+    settings = TrainSettings(steps=3, batch_size=2, lr=5e-3, checkpoint_every=2, seed=0)
+    train_lora(with_lora(tiny_llama(seed=4), LORA, seed=0), data, settings, pad_id=0, checkpoint_dir=tmp_path)
+    [folder] = list(tmp_path.iterdir())
+    state = folder / training.STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(training.CheckpointMismatchError, match=rf"cannot read the training checkpoint {state}"):
+        train_lora(with_lora(tiny_llama(seed=4), LORA, seed=0), data, settings, pad_id=0, checkpoint_dir=tmp_path)
 
 
 def test_nan_loss_is_reported():

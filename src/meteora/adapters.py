@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .io import complete_interrupted_swap
+
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
@@ -102,6 +104,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
     """Read one PEFT LoRA folder; raise :class:`AdapterError` for anything missing or malformed."""
     path = Path(path)
+    complete_interrupted_swap(path)
     if not path.is_dir():
         raise AdapterError(f"adapter {path}: not a directory")
     config = _read_config(path)

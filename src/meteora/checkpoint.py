@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_directory
+from .io import atomic_directory, complete_interrupted_swap
 
 GATES_FILE = "gates.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -56,6 +56,7 @@ def save_gate_state(
 
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of a gate directory, with every key present; raises :class:`GateManifestError`."""
+    complete_interrupted_swap(directory)
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise GateManifestError(f"gates {directory}: missing {MANIFEST_FILE} (run train_gates, or point to a folder written by save_gates)")

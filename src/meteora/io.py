@@ -55,6 +55,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _old_of(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+def complete_interrupted_swap(path: str | os.PathLike) -> bool:
+    """Put back the previous directory of an :func:`atomic_directory` swap that was killed between its
+    two renames (``path`` missing, its ``.old`` copy complete beside it). Readers call this before
+    reading a directory; returns whether anything was restored."""
+    path = Path(path)
+    old = _old_of(path)
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on a clean exit it replaces ``path``.
@@ -62,12 +78,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     For a directory of several files (an adapter folder, a gate folder): the caller writes every file
     (its manifest last) into the yielded directory; the old ``path`` is swapped out only once all of
     them exist, so a reader never sees a mix of old and new files. On an exception ``path`` is untouched
-(if the final rename fails, the old directory is moved back).
+    (if the final rename fails, the old directory is moved back); a process killed between the two
+    renames leaves the old directory as ``.<name>.old``, which :func:`complete_interrupted_swap` (called
+    by the readers and by the next write) puts back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    complete_interrupted_swap(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.parent / f".{path.name}.old"
+    old = _old_of(path)
     try:
         yield tmp
         for file in tmp.rglob("*"):

@@ -53,17 +53,13 @@ from meteora.io import atomic_write
 from stages.common import load_config, seed_everything, set_threads, stage_run
 from stages.launch import TrainerSettings, setup_distributed, trainer_summary
 from stages.setup import build_meteora, load_task_split, selected_tasks
-from stages.training import IGNORE, Encoded, collate, encode
+from stages.training import IGNORE, CheckpointMismatchError, Encoded, collate, encode
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or the gradients became NaN or infinite; the last good state is on disk."""
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A training checkpoint on disk belongs to another configuration; it is never overwritten silently."""
 
 
 @dataclass

@@ -154,8 +154,13 @@ def with_lora(base: nn.Module, node: DictConfig | Mapping[str, Any], seed: int) 
     return get_peft_model(base, lora_config(node))
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A training checkpoint on disk belongs to another configuration or cannot be read; it is never
+    resumed from or overwritten silently."""
+
+
 def fingerprint(settings: TrainSettings, data: Sequence[Encoded], extra: Mapping[str, Any]) -> str:
-    """Hash of everything a checkpoint depends on; a checkpoint with another fingerprint is ignored."""
+    """Hash of everything a checkpoint depends on (its folder's name: other settings never share it)."""
     digest = hashlib.sha256(json.dumps({"settings": asdict(settings), "extra": extra}, sort_keys=True,
                                        default=str).encode())
     for e in data:
@@ -189,7 +194,9 @@ def train_lora(
     """Train the trainable parameters of `model` (a PEFT model) on `data` for `settings.steps`.
 
     Every `checkpoint_every` steps the LoRA weights, optimiser, scheduler and loss history are saved
-    to `checkpoint_dir`; a later call with the same settings and data resumes from there. Returns
+    to `checkpoint_dir/<fingerprint>/`; a later call with the same settings and data resumes from there
+    (other settings get their own folder; an unreadable checkpoint raises
+    :class:`CheckpointMismatchError` naming it). Returns
     {"steps", "final_loss", "loss_curve", "tokens", "tokens_per_s", "seconds", "resumed_from"}.
     Raises FloatingPointError on a non-finite loss, naming the step.
     """
@@ -201,16 +208,22 @@ def train_lora(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, settings.steps))
     schedule = batch_schedule([len(e.input_ids) for e in data], settings.steps, settings.batch_size, settings.seed)
     key = fingerprint(settings, data, fingerprint_extra or {})
-    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    folder = Path(checkpoint_dir) / key[:16] if checkpoint_dir else None
     start_step, losses, tokens, seconds = 0, [], 0, 0.0
     if folder is not None and (folder / STATE_FILE).is_file():
-        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
-        if state.get("fingerprint") == key:
-            set_peft_model_state_dict(model, state["adapter"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_step, losses, tokens, seconds = state["step"], state["losses"], state["tokens"], state["seconds"]
-            torch.set_rng_state(state["rng"])
+        try:
+            state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+        except Exception as err:  # truncated or foreign file: torch raises several kinds
+            raise CheckpointMismatchError(f"{desc}: cannot read the training checkpoint {folder / STATE_FILE} "
+                                          f"({type(err).__name__}: {err}); delete it to train from scratch") from err
+        if state.get("fingerprint") != key:
+            raise CheckpointMismatchError(f"{desc}: {folder / STATE_FILE} holds fingerprint {state.get('fingerprint')!r}, "
+                                          f"not this run's {key!r}; delete it to train from scratch")
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, losses, tokens, seconds = state["step"], state["losses"], state["tokens"], state["seconds"]
+        torch.set_rng_state(state["rng"])
     model.train()
     bar = tqdm(range(start_step, settings.steps), desc=desc, initial=start_step, total=settings.steps)
     for step in bar:
