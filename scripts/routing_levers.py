@@ -1,0 +1,104 @@
+"""Routing levers, one at a time, chosen on a validation split taken from train (never the test split).
+
+Every lever retrains the gates (`python -m stages.train_gates`) on the first `--train` train records of
+each task, with the lever's overrides, in its own workspace (artifacts/levers/<lever> with links to the
+pipeline's model and adapters); the gates are then scored on the remaining train records of each task
+(the validation split: seen by the adapters' training, never by the gates'): MeteoRA top-2 top-1
+routing accuracy on the prompt tokens, and the Table 1 average of its greedy answers (in eval.dtype).
+Writes reports/eval/levers.{json,md}. Run after `dvc repro` (the adapters must exist):
+
+    .venv/bin/python scripts/routing_levers.py [--steps 100] [--train 160] [--only lever ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+# name -> overrides (on top of the shared `gate.steps` / `gate.samples_per_task`)
+LEVERS: dict[str, list[str]] = {
+    "baseline": [],
+    "steps_x2": ["gate.steps={steps2}"],
+    "batch_16": ["gate.batch_size=16"],
+    "schedule_constant": ["gate.schedule=constant_with_warmup"],
+    "temperature_0.5": ["meteora.temperature=0.5"],
+    "gradient_full": ["gate.gradient=full"],
+}
+
+
+def workspace(lever: str) -> tuple[Path, Path]:
+    artifacts, reports = ROOT / "artifacts" / "levers" / lever, ROOT / "reports" / "levers" / lever
+    artifacts.mkdir(parents=True, exist_ok=True)
+    reports.mkdir(parents=True, exist_ok=True)
+    for name in ("model", "adapters"):
+        link = artifacts / name
+        if not link.exists():
+            link.symlink_to(ROOT / "artifacts" / name, target_is_directory=True)
+    return artifacts, reports
+
+
+def validate(settings: list[str], first: int) -> dict:
+    """Routing accuracy and Table 1 average of the trained gates on train records [first:] per task."""
+    from stages.answers import DecodeSettings, Method, score_tests, table1_row
+    from stages.common import load_config, set_threads
+    from stages.evaluate import answer_with_routing
+    from stages.setup import build_meteora, decode_dtype, load_task_split, selected_tasks
+
+    cfg = load_config(settings)
+    set_threads(cfg)
+    tasks = selected_tasks(cfg)
+    validation = {t: load_task_split(cfg, t, "train")[first:] for t in tasks}
+    if any(not v for v in validation.values()):
+        raise ValueError(f"no validation records after the first {first} train records of some task")
+    model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.meteora.top_k), temperature=float(cfg.meteora.temperature),
+                                     dtype=decode_dtype(cfg))
+    model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
+    model.eval()
+    answers, routing = answer_with_routing(model, Method("meteora", model, tokenizer), validation,
+                                           DecodeSettings.tests(cfg.eval))
+    scores = score_tests(validation, answers)
+    return {"routing": routing["overall"], "routing_per_task": routing["per_task"],
+            "average": table1_row(scores)["average"], "examples_per_task": {t: len(v) for t, v in validation.items()}}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="scripts/routing_levers.py")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--train", type=int, default=160, help="train records per task the gates see")
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    out_path = ROOT / "reports" / "eval" / "levers.json"
+    results = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    for lever, overrides in LEVERS.items():
+        if args.only and lever not in args.only:
+            continue
+        artifacts, reports = workspace(lever)
+        settings = [f"gate.steps={args.steps}", f"gate.samples_per_task={args.train}", "gate.resume=false",
+                    *[o.format(steps2=2 * args.steps) for o in overrides],
+                    f"paths.artifacts={artifacts}", f"paths.reports={reports}"]
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stages.train_gates", *settings], cwd=ROOT, check=True)
+        train = json.loads((reports / "train_gates.json").read_text())
+        scored = validate(settings, args.train)
+        results[lever] = {"command": "python -m stages.train_gates " + " ".join(settings[:-2]), **scored,
+                          "train_s": train.get("time_s"), "train_routing_final": train.get("final", {}).get("routing_accuracy"),
+                          "seconds": round(time.perf_counter() - started, 1)}
+        out_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{lever}: validation routing {100 * scored['routing']:.1f}%, average {scored['average']:.2f}", flush=True)
+    rows = "\n".join(f"| {k} | `{' '.join(v['command'].split()[3:]) or '(defaults)'}` | {100 * v['routing']:.1f} | "
+                     f"{v['average']:.2f} | {v['train_s']} |" for k, v in results.items())
+    (ROOT / "reports" / "eval" / "levers.md").write_text(
+        f"**Routing levers** (validation split: train records {args.train}+ of every task, unseen by the gates; "
+        f"{args.steps} steps unless the lever changes them; one run each).\n\n"
+        "| lever | overrides | routing top-1 (%) | Table 1 average | train s |\n|---|---|---:|---:|---:|\n" + rows + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
