@@ -7,7 +7,7 @@ pipeline's model and adapters); the gates are then scored on the remaining train
 routing accuracy on the prompt tokens, and the Table 1 average of its greedy answers (in eval.dtype).
 Writes reports/eval/levers.{json,md}. Run after `dvc repro` (the adapters must exist):
 
-    .venv/bin/python scripts/routing_levers.py [--steps 100] [--train 160] [--only lever ...]
+    .venv/bin/python scripts/routing_levers.py [--steps 100] [--train 160] [--only lever ...] [override ...]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--train", type=int, default=160, help="train records per task the gates see")
     parser.add_argument("--only", nargs="*", default=None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # extra: overrides for every run (e.g. cpu_threads=1)
     out_path = ROOT / "reports" / "eval" / "levers.json"
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     for lever, overrides in LEVERS.items():
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
             continue
         artifacts, reports = workspace(lever)
         settings = [f"gate.steps={args.steps}", f"gate.samples_per_task={args.train}", "gate.resume=false",
-                    *[o.format(steps2=2 * args.steps) for o in overrides],
+                    *[o.format(steps2=2 * args.steps) for o in overrides], *extra,
                     f"paths.artifacts={artifacts}", f"paths.reports={reports}"]
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stages.train_gates", *settings], cwd=ROOT, check=True)

@@ -110,13 +110,16 @@ def routing_table(results: Mapping) -> str:
 
 
 def experts_figure(results: Mapping, path: Path) -> None:
-    """Held-out average vs experts (1 = the plain method), one line per expert kind, soft token routing."""
+    """Held-out average vs experts (1 = the plain method), one line per expert kind, soft token routing
+    with the default router (the router-collapse variants are left out: they are not another expert count)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for kind, name in (("ia3", "MoV ((IA)3 experts)"), ("lora", "MoLoRA (LoRA experts)")):
         points = sorted(
             (e["config"]["num_experts"], e["heldout_average"]) for e in results["methods"]
             if e.get("config") and e["config"]["kind"] == kind and e["config"]["routing"] == "soft"
             and e["config"]["router_input"] == "token" and e["heldout_average"] is not None
+            and e["config"].get("router_init_scale", 1.0) == 1.0 and not e["config"].get("router_z_loss")
+            and not e["config"].get("router_balance")
         )
         if points:
             xs, ys = zip(*points)

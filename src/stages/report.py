@@ -72,11 +72,13 @@ def per_task_table(results: dict) -> str:
 
 def table2(results: dict) -> str:
     rows = []
+    cis = results.get("intervals", {}).get("composite", {})
     for name, comp in results["composite"].items():
         methods = [m for m in ("meteora", "lora_b") if m in comp]
         for task in comp["tasks"]:
             rows.append([name, task, *[comp[m]["subtasks"][task]["score"] for m in methods]])
-        rows.append([name, "**average**", *[comp[m]["average"] for m in methods]])
+        rows.append([name, "**average [95% CI]**",
+                     *[with_interval(cis.get(name, {}).get(m), comp[m]["average"]) for m in methods]])
         rows.append([name, f"attempted (of {len(comp['tasks'])})", *[comp[m]["attempted"] for m in methods]])
     return ("**Table 2.** Composite-n: n questions of n tasks in one prompt, answered as a numbered list; "
             "per sub-task score, average and mean number of sub-questions attempted.\n\n"
@@ -135,7 +137,10 @@ def routing_table(results: dict, train: dict | None) -> str:
     routing = results.get("routing")
     if not routing:
         return ""
-    text = f"**Routing.** MeteoRA's overall top-1 routing accuracy on the test sets: {100 * routing['overall']:.1f}%.\n\n"
+    ci = results.get("intervals", {}).get("routing")
+    spread = f" [95% CI {100 * ci['low']:.1f}, {100 * ci['high']:.1f}]" if ci else ""
+    text = (f"**Routing.** MeteoRA's overall top-1 routing accuracy on the test sets' prompt tokens: "
+            f"{100 * routing['overall']:.1f}%{spread} (goal: 90%).\n\n")
     layers = routing["per_layer"]
     text += markdown_table(["decoder layer", *layers], [["test accuracy (%)", *[100 * v for v in layers.values()]]])
     segments = {n: c["meteora"].get("segment_routing_accuracy") for n, c in results["composite"].items() if "meteora" in c}
