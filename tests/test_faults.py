@@ -219,3 +219,94 @@ def test_gates_survive_a_sigkill_during_saves(gate_base, gate_adapters, tmp_path
     model.load_gates(directory)
     values = {float(v) for w in _gates(model).values() for v in w.unique()}
     assert len(values) == 1 and values.pop() >= 1.0
+
+
+# --- SIGKILL during training, then resume ----------------------------------------------------------
+
+GATE_TRAINING = """
+import json, sys, torch
+sys.path[:0] = [{tests!r}, {src!r}]
+from test_train_gates import gates, make_trainer
+trainer = make_trainer(json.loads(sys.argv[1]), sys.argv[2], log_fn=lambda metrics, step: print(step, flush=True))
+print("resumed" if trainer.try_resume() else "fresh", trainer.step, flush=True)
+trainer.fit()
+torch.save(gates(trainer), sys.argv[3])
+"""
+
+LORA_TRAINING = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {src!r}]
+from helpers import tiny_llama
+from stages import training
+from test_training import LORA, random_data
+real_collate, count = training.collate, [0]
+def collate(batch, pad_id):
+    count[0] += 1
+    print(count[0], flush=True)
+    return real_collate(batch, pad_id)
+training.collate = collate
+model = training.with_lora(tiny_llama(seed=4), LORA, seed=0)
+settings = training.TrainSettings(steps=8, batch_size=3, lr=5e-3, warmup_steps=2, checkpoint_every=2, seed=0)
+stats = training.train_lora(model, random_data(12, seed=3), settings, pad_id=0, checkpoint_dir=sys.argv[2])
+print("resumed", stats["resumed_from"], flush=True)
+torch.save({{k: v.detach() for k, v in model.named_parameters() if v.requires_grad}}, sys.argv[3])
+"""
+
+
+def _run_child(script: str, args: list[str], kill_at: int | None = None) -> list[str]:
+    """Run a training child; with `kill_at`, SIGKILL it once it prints that step number."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    code = script.format(tests=str(root), src=str(root.parent / "src"))
+    child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in child.stdout:
+            lines.append(line.strip())
+            if kill_at is not None and line.strip() == str(kill_at):
+                child.send_signal(signal.SIGKILL)
+                break
+    finally:
+        child.wait(timeout=300)
+    if kill_at is None:
+        assert child.returncode == 0, lines
+    else:
+        assert child.returncode == -9, (child.returncode, lines)
+    return lines
+
+
+@pytest.mark.parametrize("kill_at", [3, 6])
+def test_gate_training_killed_with_sigkill_resumes_to_the_same_gates(tmp_path, kill_at):
+    import json
+
+    from test_train_gates import NUM_TASKS
+
+    adapters = {f"task{i}": str(save_peft_adapter(tiny_llama(seed=0), tmp_path / f"task{i}", seed=10 + i))
+                for i in range(NUM_TASKS)}
+    args = [json.dumps(adapters)]
+    _run_child(GATE_TRAINING, [*args, str(tmp_path / "straight"), str(tmp_path / "straight.pt")])
+    _run_child(GATE_TRAINING, [*args, str(tmp_path / "killed"), str(tmp_path / "unused.pt")], kill_at=kill_at)
+    lines = _run_child(GATE_TRAINING, [*args, str(tmp_path / "killed"), str(tmp_path / "resumed.pt")])
+    [state] = [line for line in lines if line.startswith(("resumed ", "fresh "))]
+    assert state.startswith("resumed") and 2 <= int(state.split()[1]) <= kill_at, lines
+    expected, got = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("kill_at", [4, 7])
+def test_lora_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, kill_at):
+    _run_child(LORA_TRAINING, ["-", str(tmp_path / "straight"), str(tmp_path / "straight.pt")])
+    _run_child(LORA_TRAINING, ["-", str(tmp_path / "killed"), str(tmp_path / "unused.pt")], kill_at=kill_at)
+    lines = _run_child(LORA_TRAINING, ["-", str(tmp_path / "killed"), str(tmp_path / "resumed.pt")])
+    resumed_from = int(lines[-1].split()[1])
+    assert lines[-1].startswith("resumed") and 2 <= resumed_from < kill_at
+    expected, got = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
