@@ -78,7 +78,8 @@ def shared(tmp_path_factory) -> Path:
             path.write_text("\n".join(lines) + "\n")
     composite = [{"name": "composite-3", "tasks": TASKS, "metrics": ["generation"] * 3,
                   "input": "[INST] " + " ".join(w for t in TASKS for w in rng.choice(WORDS[t], size=2)) + " [/INST]\n",
-                  "targets": ["w0_0", "w1_0", "w2_0"]} for _ in range(3)]
+                  "questions": [f"[INST] {' '.join(rng.choice(WORDS[t], size=3))} [/INST]\n" for t in TASKS],
+                  "targets": ["w0_0", "w1_0", "w2_0"], "targets_all": [["w0_0"], ["w1_0"], ["w2_0"]]} for _ in range(3)]
     (root / "data" / "composite").mkdir()
     (root / "data" / "composite" / "composite-3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in composite))
     with contextlib.chdir(root):  # the stages load the base model as artifacts/model: the gates' manifest names it
@@ -237,3 +238,4 @@ def test_evaluation_shared_out_over_two_processes_writes_the_single_process_json
     results = json.loads((one / "reports/eval/results.json").read_text())
     assert results["profile"]["test_examples_per_task"] == dict.fromkeys(TASKS, 5)
     assert results["routing"]["per_task"].keys() == set(TASKS) and results["composite"]["composite-3"]["meteora"]
+    assert results["chained"]["composite-3"]["meteora"]["segment_routing"]["segment"].keys() == set(TASKS)
