@@ -37,6 +37,18 @@ def save_peft_adapter(
     return path
 
 
+def meteora_with_random_gates(base, adapters, seed: int, top_k: int = 2):
+    """MeteoRA on a copy of `base` whose gates hold seeded standard-normal weights (no training)."""
+    from meteora import attach_meteora
+
+    model = attach_meteora(copy.deepcopy(base), adapters, top_k=top_k)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gate_parameters():
+            gate.copy_(torch.randn(gate.shape, generator=generator))
+    return model
+
+
 WORDS = [f"w{i}" for i in range(80)]
 
 

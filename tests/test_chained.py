@@ -8,8 +8,7 @@ import copy
 import pytest
 import torch
 
-from helpers import WORDS, reference_greedy_ids, save_peft_adapter, tiny_llama, word_tokenizer
-from meteora import attach_meteora
+from helpers import WORDS, meteora_with_random_gates, reference_greedy_ids, save_peft_adapter, tiny_llama, word_tokenizer
 from stages.answers import Method
 from stages.chained import Chain, answer_chained, chain_questions, chain_routing, chained_generate, score_chains
 from stages.evaluate import intervals_of
@@ -49,12 +48,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def meteora(adapters):
     base, dirs = adapters
-    model = attach_meteora(copy.deepcopy(base), dirs, top_k=2)
-    torch.manual_seed(8)
-    with torch.no_grad():
-        for p in model.gate_parameters():
-            p.normal_(0, 1.0)
-    return model.eval()
+    return meteora_with_random_gates(base, dirs, seed=8).eval()
 
 
 def test_batched_chains_equal_one_sample_at_a_time_base():

@@ -5,8 +5,7 @@ for MeteoRA (whose gates must ignore the padding); every Table 1 score gets an i
 import pytest
 import torch
 
-from helpers import WORDS, reference_greedy, save_peft_adapter, tiny_llama, word_tokenizer
-from meteora import attach_meteora
+from helpers import WORDS, meteora_with_random_gates, reference_greedy, save_peft_adapter, tiny_llama, word_tokenizer
 from stages.answers import DecodeSettings, Method, answer_tests
 from stages.evaluate import answer_with_routing, intervals_of
 from stages.generation import greedy_generate
@@ -25,12 +24,7 @@ def meteora(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("adapters")
     base = tiny_llama(seed=3)
     dirs = {f"t{i}": save_peft_adapter(base, tmp / f"t{i}", seed=20 + i) for i in range(3)}
-    model = attach_meteora(base, dirs, top_k=2)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in model.gate_parameters():
-            p.normal_(0, 1.0)
-    return model.eval()
+    return meteora_with_random_gates(base, dirs, seed=4).eval()
 
 
 def test_batched_generate_equals_one_prompt_at_a_time_base():

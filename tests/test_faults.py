@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import save_peft_adapter, tiny_llama
+from helpers import meteora_with_random_gates, save_peft_adapter, tiny_llama
 from meteora import GateManifestError, attach_meteora
 
 
@@ -23,15 +23,6 @@ def gate_base():
 def gate_adapters(gate_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("fault_adapters")
     return [save_peft_adapter(gate_base, root / f"task_{i}", rank=4, alpha=8, seed=30 + i) for i in range(3)]
-
-
-def _meteora_with_random_gates(base, adapters, seed):
-    model = attach_meteora(copy.deepcopy(base), adapters, top_k=2)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in model.gate_parameters():
-            gate.copy_(torch.randn(gate.shape, generator=generator))
-    return model
 
 
 def _gates(model):
@@ -48,7 +39,7 @@ def _assert_gates_equal(model, expected):
 @pytest.fixture()
 def saved(gate_base, gate_adapters, tmp_path):
     """Gates saved once (directory, their weights) and a second model with other gates to save over them."""
-    model = _meteora_with_random_gates(gate_base, gate_adapters, seed=1)
+    model = meteora_with_random_gates(gate_base, gate_adapters, seed=1)
     directory = tmp_path / "gates"
     model.save_gates(directory)
     return directory, _gates(model)
@@ -67,11 +58,11 @@ def test_gate_save_dying_inside_the_writer_keeps_the_old_gates(gate_base, gate_a
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
-    newer = _meteora_with_random_gates(gate_base, gate_adapters, seed=2)
+    newer = meteora_with_random_gates(gate_base, gate_adapters, seed=2)
     with pytest.raises(OSError, match="No space left"):
         newer.save_gates(directory)
     monkeypatch.undo()
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     reader.load_gates(directory)
     _assert_gates_equal(reader, old)
     assert sorted(p.name for p in directory.parent.iterdir()) == ["gates"]  # no temporary left behind
@@ -89,11 +80,11 @@ def test_gate_save_dying_at_the_rename_keeps_the_old_gates(gate_base, gate_adapt
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    newer = _meteora_with_random_gates(gate_base, gate_adapters, seed=2)
+    newer = meteora_with_random_gates(gate_base, gate_adapters, seed=2)
     with pytest.raises(OSError, match="Input/output error"):
         newer.save_gates(directory)
     monkeypatch.undo()
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     reader.load_gates(directory)
     _assert_gates_equal(reader, old)
 
@@ -102,7 +93,7 @@ def test_truncated_gates_file_is_named(gate_base, gate_adapters, saved):
     directory, _ = saved
     path = directory / "gates.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     before = _gates(reader)
     with pytest.raises(GateManifestError, match=rf"{path}.*(truncated|not a readable)"):
         reader.load_gates(directory)
@@ -132,7 +123,7 @@ def test_gates_that_do_not_fit_load_nothing(gate_base, gate_adapters, saved, cas
     """The last module in the file is the bad one: a load that copied as it went would have copied the rest."""
     directory, _ = saved
     _rewrite_gates(directory, change)
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     before = _gates(reader)
     with pytest.raises(GateManifestError, match=message):
         reader.load_gates(directory)
@@ -145,7 +136,7 @@ def test_manifest_missing_a_key_is_named(gate_base, gate_adapters, saved):
     manifest = json.loads((directory / "manifest.json").read_text())
     del manifest["temperature"]
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     before = _gates(reader)
     with pytest.raises(GateManifestError, match=r"manifest\.json.*lacks the key 'temperature'"):
         reader.load_gates(directory)
@@ -157,7 +148,7 @@ def test_gates_of_another_base_model_are_refused_unless_allowed(gate_base, gate_
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["base_model"] = "someone/another-model"
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    reader = _meteora_with_random_gates(gate_base, gate_adapters, seed=3)
+    reader = meteora_with_random_gates(gate_base, gate_adapters, seed=3)
     before = _gates(reader)
     with pytest.raises(GateManifestError, match=r"manifest\.json.*someone/another-model.*allow_other_base=True"):
         reader.load_gates(directory)
