@@ -1,6 +1,8 @@
-"""One training step of the whole model at ``tokens`` tokens (1 sequence): the LM loss (and for MeteoRA the
-gate cross-entropy, weighted) backward, then an AdamW step over what trains: MeteoRA's gates, or one
-PEFT LoRA's A and B. Median ms per step, peak extra memory, ratio to the PEFT LoRA step."""
+"""One training step of the whole model at ``tokens`` tokens (1 sequence), through the project's own
+training loop (:class:`stages.trainer.Trainer`, as the stages run it): the answer loss on every token
+(and for MeteoRA the gate cross-entropy, weighted) backward, the finite checks, clipping, then an AdamW
+step over what trains: MeteoRA's gates, or one PEFT LoRA's A and B. Median ms per step, peak extra
+memory, ratio to the PEFT LoRA step."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import gc
 from collections.abc import Callable
 
 import torch
+
+from stages.objectives import AnswerObjective, GateObjective, Objective
+from stages.trainer import Encoded, LoopSettings, Trainer
 
 from .config import DTYPES, BenchConfig
 from .systems import build_system
@@ -17,25 +22,24 @@ from .timing import error_text, peak_extra_mb, ratio, time_ms
 def training_step(
     name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, gate_loss_weight: float
 ) -> Callable[[], None]:
-    """A closure doing one optimisation step of system ``name`` (``peft_lora`` or ``meteora``)."""
+    """A closure doing one optimisation step of system ``name`` (``peft_lora`` or ``meteora``) on the
+    sequence ``ids`` (1, T): the trainer's step on a one-example schedule, rewound before every call."""
     if name == "meteora":
         model.keep_routing(True)
-        params = model.gate_parameters()
+        objective: Objective = GateObjective(model, task_ids.tolist(), gate_loss_weight)
     elif name == "peft_lora":
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        objective = AnswerObjective(model)
     else:
         raise ValueError(f"benchmark train.systems: {name!r} has no training step; expected peft_lora or meteora")
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    tokens = ids[0].tolist()
+    trainer = Trainer(objective, [Encoded(tokens, tokens)], [[0]], LoopSettings(steps=1, lr=1e-4, schedule="constant"),
+                      pad_id=0, desc=f"benchmark {name}")
 
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        if name == "meteora":
-            loss = loss + gate_loss_weight * model.gate_loss(task_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.step = 0
+        trainer.train_step()
 
     return step
 

@@ -48,18 +48,12 @@ def log(message: str) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-    import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from meteora import attach_meteora, random_adapter_bank
-    from meteora.distributed import (
-        destroy_distributed,
-        gather_objects,
-        gradient_sync,
-        init_distributed,
-        is_main_process,
-        wrap_for_training,
-    )
+    from stages.distributed import destroy_distributed, gather_objects, init_distributed, is_main_process, wrap_for_training
+    from stages.objectives import GateObjective
+    from stages.trainer import Encoded, LoopSettings, Trainer
 
     info = init_distributed("nccl" if args.device == "cuda" else "gloo", force=True)
     cuda = info.device.type == "cuda"
@@ -86,40 +80,40 @@ def worker(args: argparse.Namespace) -> None:
         module = wrap_for_training(model, args.engine, "bf16", activation_checkpointing=True, device=info.device)
         if is_main_process():
             log(f"  {args.model} x{info.world_size}: built and sharded in {time.perf_counter() - started:.1f} s")
-        params = model.gate_parameters()
-        optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+        # The stages' own loop: every step a global batch of world x accumulation x micro_batch random
+        # sequences (LM loss on every token), split over the ranks and into micro-batches by the trainer.
+        steps, rows = args.warmup + args.steps, info.world_size * args.accumulation * args.micro_batch
+        generator = torch.Generator().manual_seed(100)
+        examples = [Encoded(ids, ids) for ids in
+                    torch.randint(config.vocab_size, (steps * rows, args.seq_len), generator=generator).tolist()]
+        task_ids = torch.randint(args.adapters, (steps * rows,), generator=generator).tolist()
+        trainer = Trainer(
+            GateObjective(model, task_ids, args.lambda_gate, forward_module=module), examples,
+            [list(range(s * rows, (s + 1) * rows)) for s in range(steps)],
+            LoopSettings(steps=steps, lr=5e-4, weight_decay=0.01, max_grad_norm=0.3, schedule="constant",
+                         gradient_accumulation=args.accumulation),
+            pad_id=0, desc=f"fsdp {args.model}",
+        )
         model.train()
         model.keep_routing(True)
         result["init_peak_memory_gib"] = peak_gib()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        generator = torch.Generator(device=info.device).manual_seed(100 + info.rank)
         step_times = []
-        for step in range(args.warmup + args.steps):
+        for step in range(steps):
             phase = f"step {step + 1}"
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            for micro in range(args.accumulation):
-                ids = torch.randint(config.vocab_size, (args.micro_batch, args.seq_len), device=info.device, generator=generator)
-                tasks = torch.randint(args.adapters, (args.micro_batch,), device=info.device, generator=generator)
-                logits = module(input_ids=ids).logits
-                lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                loss = lm_loss + args.lambda_gate * model.gate_loss(tasks)
-                del logits
-                with gradient_sync(module, enabled=micro == args.accumulation - 1):
-                    loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.3)
-            optimizer.step()
+            metrics = trainer.train_step()
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             if step >= args.warmup:
                 step_times.append(elapsed)
             if is_main_process():
-                log(f"  {args.model} x{info.world_size}: step {step + 1}/{args.warmup + args.steps} {elapsed:.2f} s "
-                    f"loss {loss.item():.3f}{'' if step >= args.warmup else ' (warm-up)'}")
+                log(f"  {args.model} x{info.world_size}: step {step + 1}/{steps} {elapsed:.2f} s "
+                    f"loss {metrics['loss']:.3f}{'' if step >= args.warmup else ' (warm-up)'}")
         tokens_per_step = info.world_size * args.accumulation * args.micro_batch * args.seq_len
         mean_step = sum(step_times) / len(step_times)
         result.update(

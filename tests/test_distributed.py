@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM
 
 from helpers import save_peft_adapter, tiny_llama
 from meteora import attach_meteora
-from meteora.distributed import shard_indices
 from stages.common import ConfigError, compose
+from stages.distributed import shard_indices
 from stages.launch import TrainerSettings, setup_distributed, torchrun_argv
 
 REPO = Path(__file__).resolve().parents[1]

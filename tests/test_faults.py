@@ -228,14 +228,14 @@ LORA_TRAINING = """
 import sys, torch
 sys.path[:0] = [{tests!r}, {src!r}]
 from helpers import tiny_llama
-from stages import training
+from stages import trainer as loop, training
 from test_training import LORA, random_data
-real_collate, count = training.collate, [0]
+real_collate, count = loop.collate, [0]
 def collate(batch, pad_id):
     count[0] += 1
     print(count[0], flush=True)
     return real_collate(batch, pad_id)
-training.collate = collate
+loop.collate = collate
 model = training.with_lora(tiny_llama(seed=4), LORA, seed=0)
 settings = training.TrainSettings(steps=8, batch_size=3, lr=5e-3, warmup_steps=2, checkpoint_every=2, seed=0)
 stats = training.train_lora(model, random_data(12, seed=3), settings, pad_id=0, checkpoint_dir=sys.argv[2])

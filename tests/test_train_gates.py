@@ -10,8 +10,8 @@ import torch
 
 from helpers import save_peft_adapter, tiny_llama
 from meteora import attach_meteora
-from stages.train_gates import GateSettings, GateTrainer, NonFiniteLossError, batch_schedule
-from stages.training import IGNORE, Encoded
+from stages.train_gates import GateSettings, GateTrainer, batch_schedule
+from stages.trainer import IGNORE, CheckpointMismatchError, Encoded, NonFiniteLossError
 
 NUM_TASKS = 3
 PAD = 0
@@ -89,8 +89,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(adapter_dirs,
     state = torch.load(trainer.checkpoint_path, weights_only=False)
     assert state["step"] == 3
     for name, weight in gates(trainer).items():
-        assert torch.isfinite(state["gates"][name]).all()
-        assert torch.equal(state["gates"][name], weight)
+        assert torch.isfinite(state["weights"][name]).all()
+        assert torch.equal(state["weights"][name], weight)
 
 
 def test_resume_after_interruption_gives_the_same_gates(adapter_dirs, tmp_path):
@@ -117,8 +117,6 @@ def test_resume_after_interruption_gives_the_same_gates(adapter_dirs, tmp_path):
 
 
 def test_checkpoint_of_another_configuration_is_refused_not_overwritten(adapter_dirs, tmp_path):
-    from stages.train_gates import CheckpointMismatchError
-
     make_trainer(adapter_dirs, tmp_path).fit()
     path = tmp_path / "checkpoint.pt"
     saved = path.read_bytes()

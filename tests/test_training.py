@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from helpers import tiny_llama
+from stages import trainer as loop
 from stages import training
-from stages.training import IGNORE, Encoded, TrainSettings, answer_loss, collate, train_lora, with_lora
+from stages.objectives import answer_loss
+from stages.trainer import IGNORE, CheckpointMismatchError, Encoded, NonFiniteLossError, collate
+from stages.training import TrainSettings, train_lora, with_lora
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
 
@@ -59,7 +62,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     assert stats["resumed_from"] == 0 and len(stats["loss_curve"]) == 6
 
     calls = {"n": 0}
-    real_collate = training.collate
+    real_collate = loop.collate
 
     def crash_on_fifth_step(batch, pad_id):
         calls["n"] += 1
@@ -67,11 +70,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real_collate(batch, pad_id)
 
-    monkeypatch.setattr(training, "collate", crash_on_fifth_step)
+    monkeypatch.setattr(loop, "collate", crash_on_fifth_step)
     interrupted = with_lora(tiny_llama(seed=4), LORA, seed=0)
     with pytest.raises(KeyboardInterrupt):
         train_lora(interrupted, data, settings, pad_id=0, checkpoint_dir=tmp_path / "b")
-    monkeypatch.setattr(training, "collate", real_collate)
+    monkeypatch.setattr(loop, "collate", real_collate)
 
     resumed = with_lora(tiny_llama(seed=4), LORA, seed=0)
     stats_resumed = train_lora(resumed, data, settings, pad_id=0, checkpoint_dir=tmp_path / "b")
@@ -97,7 +100,7 @@ def test_unreadable_adapter_checkpoint_is_named(tmp_path):
     [folder] = list(tmp_path.iterdir())
     state = folder / training.STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    with pytest.raises(training.CheckpointMismatchError, match=rf"cannot read the training checkpoint {state}"):
+    with pytest.raises(CheckpointMismatchError, match=rf"cannot read the training checkpoint {state}"):
         train_lora(with_lora(tiny_llama(seed=4), LORA, seed=0), data, settings, pad_id=0, checkpoint_dir=tmp_path)
 
 
@@ -105,6 +108,6 @@ def test_nan_loss_is_reported():
     model = with_lora(tiny_llama(seed=5), LORA, seed=0)
     with torch.no_grad():
         model.base_model.model.model.embed_tokens.weight[:] = float("nan")
-    with pytest.raises(FloatingPointError, match="adapter t: loss is nan at step 1"):
+    with pytest.raises(NonFiniteLossError, match=r"adapter t: non-finite loss at step 1 \(loss=nan\); the weights were not"):
         train_lora(model, random_data(4, seed=6), TrainSettings(steps=2, batch_size=2, lr=1e-3), pad_id=0,
                    desc="adapter t")

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -77,8 +77,9 @@ def fetch_paper_folder(cfg: DictConfig, folder: str, out: Path) -> None:
         shutil.move(str(Path(tmp) / folder), out)
 
 
-def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
-    """Train, save and validate the task's LoRA; returns the report."""
+def train_adapter(cfg: DictConfig, task: str, out: Path, log_fn: Callable[[dict, int], None] | None = None) -> dict:
+    """Train, save and validate the task's LoRA (`log_fn(metrics, step)` gets every step's metrics); returns
+    the report."""
     seed = int(cfg.seed)
     seed_everything(seed)
     base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", torch_dtype(str(cfg.model.dtype)), device())
@@ -90,7 +91,7 @@ def train_adapter(cfg: DictConfig, task: str, out: Path) -> dict:
     stats = train_lora(model, data, settings, pad_id=tokenizer.pad_token_id,
                        checkpoint_dir=Path(cfg.paths.artifacts) / "checkpoints" / "adapters" / task,
                        fingerprint_extra={"task": task, "lora": dict(cfg.adapter.lora), "model": cfg.model.name},
-                       desc=f"adapter {task}")
+                       desc=f"adapter {task}", log_fn=log_fn)
     save_peft(model, out)
     report = {"task": task, "source": "train", "train_examples": len(train), "train": stats}
     validate_adapter(out, model.unload())
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               "lora": cfg.adapter.lora, "train": cfg.adapter.train}
     with stage_run(cfg, f"adapters@{args.task}", params, tags={"task": args.task}) as run:
         start = time.perf_counter()
-        report = train_adapter(cfg, args.task, out) if source == "train" else hub_adapter(cfg, args.task, out)
+        report = train_adapter(cfg, args.task, out, run.log_metrics) if source == "train" else hub_adapter(cfg, args.task, out)
         report["seconds"] = round(time.perf_counter() - start, 1)
         run.write_json(Path(cfg.paths.reports) / "adapters" / "train" / f"{args.task}.json", report)
         run.output(out)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from meteora import MeteoRAModel
-from meteora.distributed import map_sharded
 from stages.answers import Method, mean
+from stages.distributed import map_sharded
 from stages.generation import pad_batch, prepare_tokenizer
 from stages.metrics import score_task
 

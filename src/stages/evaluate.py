@@ -20,7 +20,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from meteora import MeteoRAModel
-from meteora.distributed import destroy_distributed, is_main_process
 from stages.answers import (
     DecodeSettings,
     Method,
@@ -38,6 +37,7 @@ from stages.answers import (
 from stages.baselines import BASELINES, digest
 from stages.chained import answer_chained, chain_routing, score_chains
 from stages.common import ConfigError, load_config, read_json, seed_everything, set_threads, stage_run
+from stages.distributed import destroy_distributed, is_main_process
 from stages.launch import setup_distributed
 from stages.setup import build_meteora, check_top_k, decode_dtype, selected_tasks
 from stages.stats import bootstrap, bootstrap_ratio, paired

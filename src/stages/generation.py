@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from meteora.distributed import map_sharded
+from stages.distributed import map_sharded
 
 
 def prepare_tokenizer(tokenizer):

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 
-from meteora.distributed import ENGINES, PRECISIONS, DistInfo, init_distributed
 from stages.common import ConfigError, load_config
+from stages.distributed import ENGINES, PRECISIONS, DistInfo, init_distributed
 
 STAGES = ("train_gates", "evaluate")
 

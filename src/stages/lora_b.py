@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,8 +19,9 @@ from stages.setup import load_task_split
 from stages.training import TrainSettings, encode_records, load_base, train_lora, with_lora
 
 
-def train_lora_b(cfg: DictConfig, out: Path) -> dict:
-    """Train LoRA-B on the task mixture, save and validate it; returns the report."""
+def train_lora_b(cfg: DictConfig, out: Path, log_fn: Callable[[dict, int], None] | None = None) -> dict:
+    """Train LoRA-B on the task mixture, save and validate it (`log_fn(metrics, step)` gets every step's
+    metrics); returns the report."""
     seed = int(cfg.seed)
     seed_everything(seed)
     base, tokenizer = load_base(Path(cfg.paths.artifacts) / "model", torch_dtype(str(cfg.model.dtype)), device())
@@ -36,7 +37,7 @@ def train_lora_b(cfg: DictConfig, out: Path) -> dict:
     checkpoints = Path(cfg.paths.artifacts) / "checkpoints" / "lora_b"
     stats = train_lora(model, data, settings, pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoints,
                        fingerprint_extra={"tasks": counts, "lora": dict(cfg.adapter.lora), "model": cfg.model.name},
-                       desc="lora_b")
+                       desc="lora_b", log_fn=log_fn)
     save_peft(model, out)
     validate_adapter(out, model.unload())
     shutil.rmtree(checkpoints, ignore_errors=True)
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with stage_run(cfg, "lora_b", params) as run:
         start = time.perf_counter()
         if source == "train":
-            report = train_lora_b(cfg, out)
+            report = train_lora_b(cfg, out, run.log_metrics)
         else:
             folder = str(cfg.model.paper_adapters.lora_b_folder)
             fetch_paper_folder(cfg, folder, out)

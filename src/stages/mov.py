@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -368,11 +368,13 @@ def router_aux_loss(model: nn.Module) -> float | None:
     return float(torch.stack(values).sum()) if values else None
 
 
-def train_method(model: nn.Module, config: MixtureConfig, name: str, data: dict, cfg: DictConfig, pad_id: int) -> dict:
-    """Train `model` (config applied) on the training mixture; what the entry records of it."""
+def train_method(model: nn.Module, config: MixtureConfig, name: str, data: dict, cfg: DictConfig, pad_id: int,
+                 log_fn: Callable[[dict, int], None] | None = None) -> dict:
+    """Train `model` (config applied) on the training mixture (`log_fn(metrics, step)` gets every step's
+    metrics); what the entry records of it."""
     lr = float(cfg.method.train.lr[config.kind])
     settings = TrainSettings.from_config(cfg.method.train, lr=lr, seed=int(cfg.seed))
-    stats = train_lora(model, data["train_examples"], settings, pad_id=pad_id, desc=f"mov/{name}")
+    stats = train_lora(model, data["train_examples"], settings, pad_id=pad_id, desc=f"mov/{name}", log_fn=log_fn)
     losses = stats["loss_curve"]
     window = max(1, len(losses) // 4)
     return {"lr": lr, "train_seconds": round(stats["seconds"], 1), "train_tokens_per_s": round(stats["tokens_per_s"], 1),
@@ -381,7 +383,7 @@ def train_method(model: nn.Module, config: MixtureConfig, name: str, data: dict,
 
 
 def run_method(name: str, config: MixtureConfig | None, base_model: nn.Module, tokenizer, data: dict,
-               cfg: DictConfig) -> dict:
+               cfg: DictConfig, log_fn: Callable[[dict, int], None] | None = None) -> dict:
     """Train (unless base) and evaluate one method on a fresh copy of the base model."""
     seed_everything(int(cfg.seed))
     model = copy.deepcopy(base_model)
@@ -390,7 +392,7 @@ def run_method(name: str, config: MixtureConfig | None, base_model: nn.Module, t
     if config is not None:
         model = apply_method(model, config)
         entry.update(count_trainable(model))
-        entry.update(train_method(model, config, name, data, cfg, tokenizer.pad_token_id))
+        entry.update(train_method(model, config, name, data, cfg, tokenizer.pad_token_id, log_fn))
     else:
         entry.update({"trainable": 0, "total": sum(p.numel() for p in model.parameters()), "percent": 0.0})
     model.eval().requires_grad_(False)
@@ -495,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             with run.nested(f"mov/{name}", tags={"stage": "mov", "method": name}) as child:
                 if config is not None:
                     child.log_params({"mixture": config.to_dict()})
-                entry = run_method(name, config, base_model, tokenizer, data, cfg)
+                entry = run_method(name, config, base_model, tokenizer, data, cfg, child.log_metrics)
                 child.log_metrics({k: entry.get(k) for k in ("percent", "trainable", "heldout_average", "train_average",
                                                              "loss_first", "loss_last", "heldout_interval")})
             results["methods"].append(entry)

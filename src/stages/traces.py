@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from meteora import MeteoRAModel
-from meteora.distributed import gather_objects, world_size
+from stages.distributed import gather_objects, world_size
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _ITEM_START = re.compile(r"\s*(\d{1,2})[.)](\s|$)")

@@ -1,4 +1,4 @@
-"""Several processes, one job: process groups from torchrun's environment, PyTorch's own DDP and FSDP
+"""Several processes, one stage: process groups from torchrun's environment, PyTorch's own DDP and FSDP
 (FSDP2, ``torch.distributed.fsdp.fully_shard``) around a :class:`~meteora.model.MeteoRAModel`, full
 (unsharded) gate and optimizer states for checkpoints that resume on any number of processes, and
 the sharding and gathering of evaluation examples.
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import save_gate_state
-from .model import MeteoRAModel
+from meteora.checkpoint import save_gate_state
+from meteora.model import MeteoRAModel
 
 ENGINES = ("single", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16")
@@ -223,7 +223,7 @@ def wrap_for_training(
     if engine != "single" and not dist.is_initialized():
         raise RuntimeError(
             f"trainer.engine={engine!r} needs a process group: launch through `python -m stages.launch` "
-            "(torchrun) or call meteora.distributed.init_distributed(force=True) first"
+            "(torchrun) or call stages.distributed.init_distributed(force=True) first"
         )
     if not model.gate_parameters():
         raise ValueError("the model has no gates to train")
