@@ -114,8 +114,9 @@ class GateObjective(Objective):
         with torch.no_grad():
             accuracy = self.model.routing_accuracy(task_ids, mask)
         answer, tokens = shares["answer"], shares["tokens"]
-        metrics = {"loss": lm.item() * answer + self.lambda_gate * gate.item() * tokens,
-                   "lm_loss": lm.item() * answer, "gate_loss": gate.item() * tokens,
+        lm_value, gate_value = lm.item(), gate.item()  # one device sync each
+        metrics = {"loss": lm_value * answer + self.lambda_gate * gate_value * tokens,
+                   "lm_loss": lm_value * answer, "gate_loss": gate_value * tokens,
                    "routing_accuracy": accuracy["overall"] * tokens,
                    **{f"routing_accuracy_layer_{layer:02d}": acc * tokens for layer, acc in accuracy["per_layer"].items()}}
         return lm * answer + self.lambda_gate * gate * tokens, metrics
