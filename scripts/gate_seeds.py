@@ -21,17 +21,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from workspace import ROOT, side_workspace
+
 LINKED = ("model", "adapters", "lora_b")
 
 
 def workspace(seed: int) -> tuple[Path, Path]:
-    artifacts, reports = ROOT / "artifacts" / "seeds" / str(seed), ROOT / "reports" / "seeds" / str(seed)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        link = artifacts / name
-        if not link.exists():
-            link.symlink_to(ROOT / "artifacts" / name, target_is_directory=True)
+    artifacts, reports = side_workspace("seeds", str(seed), LINKED)
     (reports / "eval").mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "reports" / "eval" / "baselines.json", reports / "eval" / "baselines.json")
     return artifacts, reports

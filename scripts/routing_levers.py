@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from workspace import ROOT, side_workspace
+
 sys.path.insert(0, str(ROOT / "src"))
 
 # name -> overrides (on top of the shared `gate.steps` / `gate.samples_per_task`)
@@ -31,17 +32,6 @@ LEVERS: dict[str, list[str]] = {
     "temperature_0.5": ["meteora.temperature=0.5"],
     "gradient_full": ["gate.gradient=full"],
 }
-
-
-def workspace(lever: str) -> tuple[Path, Path]:
-    artifacts, reports = ROOT / "artifacts" / "levers" / lever, ROOT / "reports" / "levers" / lever
-    artifacts.mkdir(parents=True, exist_ok=True)
-    reports.mkdir(parents=True, exist_ok=True)
-    for name in ("model", "adapters"):
-        link = artifacts / name
-        if not link.exists():
-            link.symlink_to(ROOT / "artifacts" / name, target_is_directory=True)
-    return artifacts, reports
 
 
 def validate(settings: list[str], first: int) -> dict:
@@ -79,7 +69,7 @@ def main(argv: list[str]) -> None:
     for lever, overrides in LEVERS.items():
         if args.only and lever not in args.only:
             continue
-        artifacts, reports = workspace(lever)
+        artifacts, reports = side_workspace("levers", lever, ("model", "adapters"))
         settings = [f"gate.steps={args.steps}", f"gate.samples_per_task={args.train}", "gate.resume=false",
                     *[o.format(steps2=2 * args.steps) for o in overrides], *extra,
                     f"paths.artifacts={artifacts}", f"paths.reports={reports}"]

@@ -145,3 +145,14 @@ def test_local_gradient_matches_full_losses_and_learns(adapter_dirs, tmp_path):
     assert np.mean([h["routing_accuracy"] for h in history[-5:]]) > 0.85
     with pytest.raises(ValueError, match="gate.gradient"):
         make_trainer(adapter_dirs, tmp_path / "bad", gradient="none")
+
+
+def test_bad_loop_settings_name_their_config_keys(adapter_dirs, tmp_path):
+    """A batch too small for the micro-batches, or zero steps, is refused naming the settings to change."""
+    with pytest.raises(ValueError, match=r"batch of 2 sequences \(gate\.batch_size\).*\(trainer\.gradient_accumulation\)"):
+        model = attach_meteora(tiny_llama(seed=0), adapter_dirs, top_k=2)
+        examples, task_ids = routing_data()
+        GateTrainer(model, examples, task_ids, GateSettings(steps=2, batch_size=2, lr=0.05), tmp_path, pad_id=PAD,
+                    gradient_accumulation=4)
+    with pytest.raises(ValueError, match=r"gate\.steps=0: training needs at least one step"):
+        make_trainer(adapter_dirs, tmp_path, steps=0)

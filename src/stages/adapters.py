@@ -91,7 +91,7 @@ def train_adapter(cfg: DictConfig, task: str, out: Path, log_fn: Callable[[dict,
     stats = train_lora(model, data, settings, pad_id=tokenizer.pad_token_id,
                        checkpoint_dir=Path(cfg.paths.artifacts) / "checkpoints" / "adapters" / task,
                        fingerprint_extra={"task": task, "lora": dict(cfg.adapter.lora), "model": cfg.model.name},
-                       desc=f"adapter {task}", log_fn=log_fn)
+                       desc=f"adapter {task}", log_fn=log_fn, config_key="adapter.train")
     save_peft(model, out)
     report = {"task": task, "source": "train", "train_examples": len(train), "train": stats}
     validate_adapter(out, model.unload())

@@ -30,7 +30,7 @@ from stages.answers import (
     score_tests,
     table1_row,
 )
-from stages.chained import answer_chained, score_chains
+from stages.chained import run_chained_sets
 from stages.common import ConfigError, load_config, seed_everything, set_threads, stage_run
 from stages.setup import adapter_dir, decode_dtype, load_base, task_list
 
@@ -69,13 +69,8 @@ def baselines(cfg: DictConfig) -> dict:
         print(f"baselines: {name}: average {table1_row(per_task[name])['average']:.2f} ({timing[name]} s)")
 
     def record_chained(method: Method) -> None:
-        for name, records in chained_sets.items():
-            started = time.perf_counter()
-            chains = answer_chained(method, records, decode.max_new_tokens, int(cfg.eval.chained.batch_size),
-                                    str(cfg.eval.chained.separator))
-            predictions.setdefault(f"chained/{method.name}", {})[name] = [c.answers for c in chains]
-            chained.setdefault(name, {"tasks": records[0]["tasks"]})[method.name] = score_chains(records, chains)
-            timing[f"chained/{name}/{method.name}"] = round(time.perf_counter() - started, 1)
+        run_chained_sets(method, chained_sets, decode.max_new_tokens, cfg.eval,
+                         {"predictions": predictions, "chained": chained, "timing": timing})
 
     if "base" in methods:
         started = time.perf_counter()

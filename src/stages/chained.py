@@ -10,7 +10,8 @@ top-1 adapter is the segment's task.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ from stages.answers import Method, mean
 from stages.distributed import map_sharded
 from stages.generation import pad_batch, prepare_tokenizer
 from stages.metrics import score_task
+
+# the methods a chained set compares, in the order of the tables
+CHAINED_METHODS = ("meteora", "oracle", "lora_b", "base")
 
 
 @dataclass
@@ -91,6 +95,28 @@ def answer_chained(method: Method, records: Sequence[dict], budgets: dict[str, i
                                 adapter_names=tasks if method.oracle else None)
 
     return map_sharded(run, chain_questions(records))
+
+
+def run_chained_sets(method: Method, sets: Mapping[str, Sequence[dict]], budgets: dict[str, int], eval_cfg,
+                     results: dict, before: Callable[[str], None] | None = None,
+                     extra: Callable[[str, Sequence[dict], list[Chain]], dict] | None = None) -> None:
+    """Answer and score every chained set with `method` (`eval_cfg`: the `eval` config node, its
+    `chained.batch_size` and `chained.separator`), recording into `results`: the answers under
+    ``predictions["chained/<method>"][set]``, the scores under ``chained[set][method]`` and the seconds
+    under ``timing["chained/<set>/<method>"]``. `before(set)` runs first (MeteoRA's temperature);
+    `extra(set, records, chains)` adds keys to the scores, timed with them (MeteoRA's routing)."""
+    for name, records in sets.items():
+        started = time.perf_counter()
+        if before is not None:
+            before(name)
+        chains = answer_chained(method, records, budgets, int(eval_cfg.chained.batch_size),
+                                str(eval_cfg.chained.separator))
+        results["predictions"].setdefault(f"chained/{method.name}", {})[name] = [c.answers for c in chains]
+        scores = score_chains(records, chains)
+        if extra is not None:
+            scores.update(extra(name, records, chains))
+        results["chained"].setdefault(name, {"tasks": records[0]["tasks"]})[method.name] = scores
+        results["timing"][f"chained/{name}/{method.name}"] = round(time.perf_counter() - started, 1)
 
 
 def score_chains(records: Sequence[dict], chains: Sequence[Chain]) -> dict:

@@ -35,7 +35,7 @@ from stages.answers import (
     test_items,
 )
 from stages.baselines import BASELINES, digest
-from stages.chained import answer_chained, chain_routing, score_chains
+from stages.chained import CHAINED_METHODS, chain_routing, run_chained_sets
 from stages.common import ConfigError, load_config, read_json, seed_everything, set_threads, stage_run
 from stages.distributed import destroy_distributed, is_main_process
 from stages.launch import setup_distributed
@@ -53,18 +53,18 @@ def baselines_path(cfg: DictConfig) -> Path:
 
 
 def load_baselines(cfg: DictConfig, tests: dict[str, list[dict]], composites: dict[str, list[dict]],
-                   chained: dict[str, list[dict]]) -> dict:
+                   chained: dict[str, list[dict]], dtype: str) -> dict:
     """reports/eval/baselines.json restricted to this run's tasks, after checking that it scored the
-    same test prompts and composite sets (same count and digest); a mismatch names the set. Nothing
-    when `eval.methods` names no baseline."""
+    same test prompts and composite sets (same count and digest) in the same `dtype`; a mismatch names
+    the set. Nothing when `eval.methods` names no baseline."""
     if not set(cfg.eval.methods) & set(BASELINES):
         return {"methods": [], "per_task": {}, "composite": {}, "chained": {}, "timing_s": {}, "predictions": {}}
     path = baselines_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the baselines stage first (python -m stages.baselines)")
     base = read_json(path)
-    if base.get("dtype") != decode_dtype(cfg):
-        raise ConfigError(f"{path} was decoded in {base.get('dtype')}, this run decodes in {decode_dtype(cfg)} "
+    if base.get("dtype") != dtype:
+        raise ConfigError(f"{path} was decoded in {base.get('dtype')}, this run decodes in {dtype} "
                           "(eval.dtype): re-run the baselines stage with the same eval settings")
     for kind, sets, recorded in (("task", tests, base["tests"]), ("composite set", composites, base["composites"]),
                                  ("chained set", chained, base.get("chained_sets", {}))):
@@ -127,7 +127,8 @@ def evaluate(cfg: DictConfig) -> dict:
     composites = load_composites(cfg, tasks)
     chained_sets = load_composites(cfg, tasks, quiet=True, chained=True)
     check_trace_index(cfg, chained_sets)
-    base = load_baselines(cfg, tests, composites, chained_sets)
+    dtype = decode_dtype(cfg)
+    base = load_baselines(cfg, tests, composites, chained_sets, dtype)
     decode = DecodeSettings.tests(cfg.eval)
     gate_top_k = int(cfg.meteora.top_k)
     for k in cfg.eval.meteora_top_ks:
@@ -140,7 +141,7 @@ def evaluate(cfg: DictConfig) -> dict:
     routing_by_k, traces = {}, {}
     if "meteora" in cfg.eval.methods:
         model, tokenizer = build_meteora(cfg, tasks, top_k=gate_top_k, temperature=float(cfg.meteora.temperature),
-                                         dtype=decode_dtype(cfg))
+                                         dtype=dtype)
         manifest = model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
         print(f"evaluate: MeteoRA gates for {manifest['adapters']}")
         model.eval()
@@ -171,23 +172,21 @@ def evaluate(cfg: DictConfig) -> dict:
             if name == cfg.eval.trace.composite and index < len(answer_traces) and answer_traces[index]:
                 traces[f"numbered/{name}"] = {"title": f"MeteoRA routing across a {name} numbered answer",
                                               "tasks": records[0]["tasks"], **answer_traces[index]}
-        for name, records in chained_sets.items():
-            started = time.perf_counter()
+        def chained_temperature(name: str) -> None:
             model.set_temperature(float(cfg.eval.composite.temperature.get(name, cfg.meteora.temperature)))
-            method = Method("meteora", model, tokenizer)
-            chains = answer_chained(method, records, decode.max_new_tokens, int(cfg.eval.chained.batch_size),
-                                    str(cfg.eval.chained.separator))
-            predictions.setdefault("chained/meteora", {})[name] = [c.answers for c in chains]
+
+        def chained_routing(name: str, records: Sequence[dict], chains: list) -> dict:
             index = int(cfg.eval.trace.index) if name == cfg.eval.trace.composite else None
             routing = chain_routing(model, tokenizer, records, chains, int(cfg.eval.chained.batch_size), index)
-            scores = score_chains(records, chains)
-            scores["segment_routing"] = {"segment": routing["segment"], "answer": routing["answer"],
-                                         "per_sample_segment": routing["per_sample_segment"]}
-            chained.setdefault(name, {"tasks": records[0]["tasks"]})["meteora"] = scores
-            timing[f"chained/{name}/meteora"] = round(time.perf_counter() - started, 1)
             if routing["trace"]:
                 traces[name] = {"title": f"MeteoRA routing across a chained {name} sequence (test sample {index})",
                                 "tasks": records[0]["tasks"], **routing["trace"]}
+            return {"segment_routing": {"segment": routing["segment"], "answer": routing["answer"],
+                                        "per_sample_segment": routing["per_sample_segment"]}}
+
+        run_chained_sets(Method("meteora", model, tokenizer), chained_sets, decode.max_new_tokens, cfg.eval,
+                         {"predictions": predictions, "chained": chained, "timing": timing},
+                         before=chained_temperature, extra=chained_routing)
         model.set_temperature(float(cfg.meteora.temperature))
     methods_run = [m for m in (*BASELINES, *map(meteora_method, top_ks)) if m in per_task]
     return {
@@ -199,7 +198,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "test_examples_per_task": {t: len(r) for t, r in tests.items()},
             "composite_samples": {n: len(r) for n, r in composites.items()},
             "chained_samples": {n: len(r) for n, r in chained_sets.items()},
-            "dtype": decode_dtype(cfg),
+            "dtype": dtype,
         },
         "methods": methods_run,
         "metric_per_task": {t: r[0]["metric"] for t, r in tests.items()},
@@ -207,6 +206,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "per_task": {m: per_task[m] for m in methods_run},
         "composite": comp,
         "chained": chained,
+        "chained_methods": list(CHAINED_METHODS),
         "routing": routing_by_k.get(gate_top_k),
         "routing_overall_by_top_k": {str(k): r["overall"] for k, r in routing_by_k.items()},
         "traces": traces,
@@ -244,7 +244,7 @@ def intervals_of(results: dict) -> dict:
             out["composite"][name]["meteora-lora_b"] = paired(per["meteora"], per["lora_b"]).to_dict()
     out["chained"] = {}
     for name, chain in results.get("chained", {}).items():
-        per = {m: composite_examples(chain[m]) for m in ("meteora", "oracle", "lora_b", "base") if m in chain}
+        per = {m: composite_examples(chain[m]) for m in CHAINED_METHODS if m in chain}
         out["chained"][name] = {m: bootstrap(v).to_dict() for m, v in per.items()}
         for other in ("lora_b", "base", "oracle"):
             if "meteora" in per and other in per:
@@ -270,7 +270,7 @@ def summary_of(results: dict) -> dict:
         for name, v in results["composite"].items()
     }
     out["chained"] = {
-        name: {m: round(v[m]["average"], 2) for m in ("meteora", "oracle", "lora_b", "base") if m in v}
+        name: {m: round(v[m]["average"], 2) for m in CHAINED_METHODS if m in v}
         for name, v in results.get("chained", {}).items()
     }
     out["intervals"] = {

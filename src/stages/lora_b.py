@@ -37,7 +37,7 @@ def train_lora_b(cfg: DictConfig, out: Path, log_fn: Callable[[dict, int], None]
     checkpoints = Path(cfg.paths.artifacts) / "checkpoints" / "lora_b"
     stats = train_lora(model, data, settings, pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoints,
                        fingerprint_extra={"tasks": counts, "lora": dict(cfg.adapter.lora), "model": cfg.model.name},
-                       desc="lora_b", log_fn=log_fn)
+                       desc="lora_b", log_fn=log_fn, config_key="adapter.lora_b")
     save_peft(model, out)
     validate_adapter(out, model.unload())
     shutil.rmtree(checkpoints, ignore_errors=True)

@@ -374,7 +374,8 @@ def train_method(model: nn.Module, config: MixtureConfig, name: str, data: dict,
     metrics); what the entry records of it."""
     lr = float(cfg.method.train.lr[config.kind])
     settings = TrainSettings.from_config(cfg.method.train, lr=lr, seed=int(cfg.seed))
-    stats = train_lora(model, data["train_examples"], settings, pad_id=pad_id, desc=f"mov/{name}", log_fn=log_fn)
+    stats = train_lora(model, data["train_examples"], settings, pad_id=pad_id, desc=f"mov/{name}", log_fn=log_fn,
+                       config_key="method.train")
     losses = stats["loss_curve"]
     window = max(1, len(losses) // 4)
     return {"lr": lr, "train_seconds": round(stats["seconds"], 1), "train_tokens_per_s": round(stats["tokens_per_s"], 1),

@@ -85,7 +85,6 @@ def table2(results: dict) -> str:
             + markdown_table(["set", "sub-task", "MeteoRA", "LoRA-B"], rows))
 
 
-CHAINED_METHODS = ("meteora", "oracle", "lora_b", "base")
 SEGMENT_GOAL = 0.8  # share of a chained segment's tokens routed to the segment's own adapter
 
 
@@ -96,15 +95,16 @@ def chained_table(results: dict) -> str:
     if not chained:
         return ""
     cis = results.get("intervals", {}).get("chained", {})
+    order = results["chained_methods"]  # the evaluation's order of the compared methods
     labels = {"meteora": "MeteoRA", "oracle": "oracle (segment's own adapter)", "lora_b": "LoRA-B", "base": "base model"}
     rows, claims, segments = [], [], []
     for name, chain in chained.items():
-        methods = [m for m in CHAINED_METHODS if m in chain]
+        methods = [m for m in order if m in chain]
         for task in chain["tasks"]:
-            rows.append([name, task, *[chain[m]["subtasks"][task]["score"] if m in chain else None for m in CHAINED_METHODS]])
+            rows.append([name, task, *[chain[m]["subtasks"][task]["score"] if m in chain else None for m in order]])
         rows.append([name, "**average [95% CI]**",
                      *[with_interval(cis.get(name, {}).get(m), chain[m]["average"]) if m in chain else None
-                       for m in CHAINED_METHODS]])
+                       for m in order]])
         for other in methods[1:]:
             ci = cis.get(name, {}).get(f"meteora-{other}")
             if ci:
@@ -121,7 +121,7 @@ def chained_table(results: dict) -> str:
             "sub-question i appended after the model's own answer to i-1 (the whole history in the context); "
             "each sub-answer scored on its own task (Table 1's metric and budget). The average's 95% interval "
             "resamples samples.\n\n"
-            + markdown_table(["set", "sub-task", *[labels[m] for m in CHAINED_METHODS]], rows))
+            + markdown_table(["set", "sub-task", *[labels[m] for m in order]], rows))
     if claims:
         text += ("\nMeteoRA's paired differences on the same samples (a claim holds where the interval "
                  "excludes 0).\n\n" + markdown_table(["set", "difference", "estimate [95% CI]", "MeteoRA better"], claims))

@@ -114,6 +114,8 @@ class GateTrainer(Trainer):
             max_grad_norm=settings.max_grad_norm, schedule=settings.schedule,
             warmup_steps=int(settings.warmup_ratio * settings.steps), checkpoint_every=settings.checkpoint_every,
             log_every=settings.log_every, gradient_accumulation=gradient_accumulation,
+            names={**{k: f"gate.{k}" for k in ("steps", "lr", "batch_size")},
+                   "gradient_accumulation": "trainer.gradient_accumulation"},
         )
         super().__init__(
             objective, examples, batch_schedule(task_ids, settings.steps, settings.batch_size, settings.seed, balance),

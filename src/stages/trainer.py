@@ -17,7 +17,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +91,19 @@ class LoopSettings:
     checkpoint_every: int = 0
     log_every: int = 1
     gradient_accumulation: int = 1
+    names: Mapping[str, str] = field(default_factory=dict, compare=False)  # setting -> config key, for errors
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: training needs at least one step")
+            raise ValueError(f"{self.name('steps')}={self.steps}: training needs at least one step")
         if self.gradient_accumulation < 1:
-            raise ValueError(f"gradient_accumulation={self.gradient_accumulation} must be at least 1")
+            raise ValueError(f"{self.name('gradient_accumulation')}={self.gradient_accumulation} must be at least 1")
         if not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be a positive number")
+            raise ValueError(f"{self.name('lr')}={self.lr} must be a positive number")
+
+    def name(self, setting: str) -> str:
+        """The config key that sets `setting` (``steps``, ``lr``, ``batch_size``...), for error messages."""
+        return self.names.get(setting, setting)
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
@@ -206,11 +211,13 @@ class Trainer:
         if not examples:
             raise ValueError(f"{desc}: no training examples")
         if len(schedule) < settings.steps:
-            raise ValueError(f"{desc}: the schedule has {len(schedule)} steps, fewer than steps={settings.steps}")
+            raise ValueError(f"{desc}: the schedule has {len(schedule)} steps, fewer than "
+                             f"{settings.name('steps')}={settings.steps}")
         split = world_size() * settings.gradient_accumulation
         if len(schedule[0]) < split:
-            raise ValueError(f"{desc}: a batch of {len(schedule[0])} sequences cannot be split over {world_size()} "
-                             f"ranks x {settings.gradient_accumulation} micro-batches: every micro-batch needs one")
+            raise ValueError(f"{desc}: a batch of {len(schedule[0])} sequences ({settings.name('batch_size')}) cannot be "
+                             f"split over {world_size()} ranks x {settings.gradient_accumulation} micro-batches "
+                             f"({settings.name('gradient_accumulation')}): every micro-batch needs one")
         self.objective = objective
         self.examples = list(examples)
         self.schedule = schedule

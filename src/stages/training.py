@@ -126,6 +126,7 @@ def train_lora(
     fingerprint_extra: Mapping[str, Any] | None = None,
     desc: str = "train",
     log_fn: Callable[[dict, int], None] | None = None,
+    config_key: str = "",
 ) -> dict[str, Any]:
     """Train the trainable parameters of `model` (a PEFT LoRA, MoV or MoLoRA model) on `data` for
     `settings.steps` steps of :func:`batch_schedule`, on the answer loss.
@@ -134,21 +135,23 @@ def train_lora(
     `checkpoint_dir/<fingerprint[:16]>/trainer_state.pt`; a later call with the same settings and data
     resumes from there (other settings get their own folder; an unreadable checkpoint raises
     :class:`stages.trainer.CheckpointMismatchError` naming it). `log_fn(metrics, step)` gets every
-    step's metrics. Returns {"steps", "final_loss", "loss_curve", "tokens", "tokens_per_s", "seconds",
-    "resumed_from"}. Raises :class:`stages.trainer.NonFiniteLossError` on a non-finite loss or gradient.
+    step's metrics; `config_key` (``adapter.train``...) is the config node of `settings`, named in errors.
+    Returns {"steps", "final_loss", "loss_curve", "tokens", "tokens_per_s", "seconds", "resumed_from"}.
+    Raises :class:`stages.trainer.NonFiniteLossError` on a non-finite loss or gradient.
     """
     if not data:
         raise ValueError(f"{desc}: no training examples")
     key = fingerprint(settings, data, fingerprint_extra or {})
     loop = LoopSettings(steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay,
                         max_grad_norm=settings.max_grad_norm, schedule="warmup_cosine",
-                        warmup_steps=settings.warmup_steps, checkpoint_every=settings.checkpoint_every)
+                        warmup_steps=settings.warmup_steps, checkpoint_every=settings.checkpoint_every,
+                        names={k: f"{config_key}.{k}" for k in ("steps", "lr", "batch_size")} if config_key else {})
     trainer = Trainer(
         AnswerObjective(model), data,
         batch_schedule([len(e.input_ids) for e in data], settings.steps, settings.batch_size, settings.seed),
         loop, pad_id=pad_id, checkpoint_path=Path(checkpoint_dir) / key[:16] / STATE_FILE if checkpoint_dir else None,
         fingerprint=key, log_fn=log_fn, desc=desc,
-        hint=f"Lower the learning rate (lr={settings.lr}) or check the data.",
+        hint=f"Lower the learning rate ({loop.name('lr')}={settings.lr}) or check the data.",
     )
     trainer.try_resume()
     losses = [h["loss"] for h in trainer.fit()]
