@@ -2,7 +2,8 @@
 
 Strategies: ``base`` (the base linears alone), ``single`` (base + one LoRA in plain torch), ``peft``
 (PEFT's LoRA layers, one adapter), ``meteora`` (:class:`meteora.MeteoRALinear` layers from
-:func:`meteora.attach_meteora`, strategy ``auto``), any :func:`meteora.moe_lora` strategy (base + the
+:func:`meteora.attach_meteora`, strategy ``auto``; ``meteora_unstacked``: the same with ``stack_weights=False``,
+three products per projection instead of one), any :func:`meteora.moe_lora` strategy (base + the
 mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
 output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
 ``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
@@ -132,12 +133,12 @@ def peft_block(projections: list[Projection], cfg: BenchConfig) -> nn.Module:
     return block.requires_grad_(False)
 
 
-def meteora_layers(projections: list[Projection], cfg: BenchConfig) -> list[MeteoRALinear]:
+def meteora_layers(projections: list[Projection], cfg: BenchConfig, stack_weights: bool = True) -> list[MeteoRALinear]:
     """:class:`MeteoRALinear` layers attached to the 7 base linears (their gates are set per input)."""
     bank = AdapterBank([f"adapter_{i}" for i in range(cfg.num_adapters)])
     for p in projections:
         bank.modules[p.name] = StackedLoRA(p.lora_a, p.lora_b, p.scaling)
-    model = attach_meteora(_block(projections), bank, top_k=cfg.top_k, strategy="auto")
+    model = attach_meteora(_block(projections), bank, top_k=cfg.top_k, strategy="auto", stack_weights=stack_weights)
     return [getattr(model.model, p.name) for p in projections]
 
 
@@ -160,10 +161,10 @@ def runner(
             built["peft"] = peft_block(projections, cfg)
         block = built["peft"]
         return lambda i, x: (getattr(block, projections[i].name)(x), None)
-    if strategy == "meteora":
-        if "meteora" not in built:
-            built["meteora"] = meteora_layers(projections, cfg)
-        layers = built["meteora"]
+    if strategy in ("meteora", "meteora_unstacked"):
+        if strategy not in built:
+            built[strategy] = meteora_layers(projections, cfg, stack_weights=strategy == "meteora")
+        layers = built[strategy]
         with torch.no_grad():
             for layer, gate in zip(layers, gates):
                 layer.gate.weight.copy_(gate)
@@ -241,7 +242,7 @@ def measure_strategy(
     scale = cfg.alpha / cfg.rank
     try:
         run = runner(strategy, projections, gates, cfg, built)
-        keep = built.get("meteora", []) if strategy == "meteora" else []
+        keep = built.get(strategy, []) if strategy in ("meteora", "meteora_unstacked") else []
         with torch.no_grad():
             for layer in keep:
                 layer.keep_routing = True

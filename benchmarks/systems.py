@@ -1,6 +1,7 @@
 """The whole-model systems compared, each on its own LLaMA-architecture model with the same random weights:
 ``bare``, ``peft_lora`` (PEFT, one LoRA on the 7 projections), ``peft_arrow`` (PEFT's Arrow routing over
-N LoRAs, top-k per token) and ``meteora`` (:func:`meteora.attach_meteora` with N random adapters)."""
+N LoRAs, top-k per token), ``meteora`` (:func:`meteora.attach_meteora` with N random adapters) and
+``meteora_unstacked`` (the same with ``stack_weights=False``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from meteora import DEFAULT_TARGETS, attach_meteora, random_adapter_bank
 
 from .config import BenchConfig, Shapes
 
-SYSTEMS = ("bare", "peft_lora", "peft_arrow", "meteora")
+SYSTEMS = ("bare", "peft_lora", "peft_arrow", "meteora", "meteora_unstacked")
 
 
 @contextlib.contextmanager
@@ -94,8 +95,8 @@ def build_system(
         peft_model.add_adapter("arrow_router", _lora_config(cfg, arrow_config=arrow), autocast_adapter_dtype=False)
         peft_model.set_adapter("arrow_router")
         return peft_model.to(dtype).eval()
-    if name == "meteora":
+    if name in ("meteora", "meteora_unstacked"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         bank = random_adapter_bank(model, cfg.num_adapters, cfg.rank, cfg.alpha, generator=gen, dtype=dtype)
-        return attach_meteora(model, bank, top_k=cfg.top_k, strategy="auto").eval()
+        return attach_meteora(model, bank, top_k=cfg.top_k, strategy="auto", stack_weights=name == "meteora").eval()
     raise ValueError(f"unknown benchmark system {name!r}; expected one of {SYSTEMS}")

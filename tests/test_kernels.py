@@ -164,6 +164,21 @@ def test_fused_other_modes_match_float64(mode, num_tokens, top_k, temperature, r
     check_fused_forward(*args, top_k, temperature, mode, outputs)
 
 
+@pytest.mark.parametrize("mode,top_k,dtype", [("topk", 2, torch.float32), ("soft", 1, torch.float32), ("topk", 3, torch.bfloat16)])
+def test_fused_mix_reads_column_blocks_of_one_stacked_product(mode, top_k, dtype, regime):
+    """The inference path of MeteoRALinear: one product x [W; W_g; A]^T, whose column blocks (strided
+    views) are the base output, the gate logits and h; the kernels read them in place."""
+    num_tokens, d_in, d_out, num_adapters, rank = 9, 64, 40, 5, 4
+    x, gate, lora_a, lora_b, scaling = make_inputs(num_tokens, d_in, d_out, num_adapters, rank, dtype, seed=7)
+    (weight,) = dev((torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(8)) / d_in**0.5).to(dtype))
+    y = x @ torch.cat([weight, gate, lora_a.reshape(-1, d_in)]).T
+    base, gate_logits, hidden = y[:, :d_out], y[:, d_out:d_out + num_adapters], y[:, d_out + num_adapters:]
+    assert not gate_logits.is_contiguous() and not hidden.is_contiguous()
+    out, logits, indices, weights = fused.fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k, 1.0, mode)
+    check_fused_forward(x, gate, lora_a, lora_b, scaling, top_k, 1.0, mode,
+                        (out.float().sub(base.float()).to(dtype), logits, indices, weights))
+
+
 def test_fused_ties_go_to_the_lower_index(regime):
     x, gate, lora_a, lora_b, scaling = make_inputs(8, 64, 32, 6, 4, torch.bfloat16, seed=4)
     gate[2] *= 4

@@ -301,3 +301,64 @@ def test_auto_dispatch_table():
     assert auto_strategy("cpu", torch.float64, False, 11, table) == "loop"
     with pytest.raises(LookupError, match="cuda"):
         auto_strategy("cuda", torch.float32, False, 1, table)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_mix_op(dtype):
+    """The inference half, torch.ops.meteora.moe_lora_mix, from products made by the caller."""
+    for x, gate_x, gate, lora_a, lora_b, scaling, base, top_k, temperature, mode in op_samples(dtype):
+        gate_logits = (x if gate_x is None else gate_x) @ gate.T
+        hidden = x @ lora_a.reshape(-1, x.shape[-1]).T
+        torch.library.opcheck(torch.ops.meteora.moe_lora_mix.default,
+                              (gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_weights_share_one_buffer_and_inference_makes_one_product(bias, monkeypatch):
+    """W, W_g and A of MeteoRALinear are views of one buffer (no extra memory) through .double(), deepcopy
+    and a replaced parameter (restack); inference through the stacked product gives the float64 answer,
+    and the same as the gradient path."""
+    import copy
+
+    import meteora.layer
+    from meteora import MeteoRALinear
+
+    x, gate, lora_a, lora_b, scaling = make_inputs(6, [4, 8], 24, 40, (3, 5), 30, torch.float32)
+    torch.manual_seed(31)
+    layer = MeteoRALinear(torch.nn.Linear(24, 40, bias=bias), lora_a, lora_b, scaling, top_k=2, strategy="fused")
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate)
+    base = x.double() @ layer.base.weight.double().T + (layer.base.bias.double() if bias else 0)
+    expected = base + float64_oracle(x, gate, lora_a, lora_b, scaling, 2, 1.0)[0]
+    mixes = []
+    real_mix = meteora.layer.moe_lora_mix_op
+    monkeypatch.setattr(meteora.layer, "moe_lora_mix_op", lambda *a: mixes.append(1) or real_mix(*a))
+
+    def shared(module) -> bool:
+        params = [module.base.weight, module.gate.weight, module.lora_a] + ([module.base.bias] if bias else [])
+        return len({p.untyped_storage().data_ptr() for p in params[:3]}) == 1 and module._stack_is_live()
+
+    def check(module, dtype, tol, stacked=True) -> torch.Tensor:
+        before = len(mixes)
+        with torch.no_grad():
+            out = module(x.to(dtype))
+        assert out.dtype == dtype and rel_err(out, expected) < tol
+        assert len(mixes) - before == int(stacked)
+        return out
+
+    assert shared(layer)
+    out = check(layer, torch.float32, 1e-5)
+    with_grad = layer(x)
+    assert with_grad.requires_grad and torch.allclose(with_grad, out, atol=1e-5, rtol=1e-5)
+    layer.double()
+    assert shared(layer) and layer.gate.weight.requires_grad
+    check(layer, torch.float64, 1e-12)
+    twin = copy.deepcopy(layer)
+    assert shared(twin) and twin.base.weight.data_ptr() != layer.base.weight.data_ptr()
+    check(twin, torch.float64, 1e-12)
+    layer.gate.weight = torch.nn.Parameter(layer.gate.weight.detach().clone())  # no longer a view: three products
+    assert not shared(layer)
+    check(layer, torch.float64, 1e-12, stacked=False)
+    layer.restack()
+    assert shared(layer)
+    check(layer, torch.float64, 1e-12)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels.dense import accumulation_dtype
-from .kernels.op import moe_lora_op
+from .kernels.op import moe_lora_mix_op, moe_lora_op
 from .ops import STRATEGIES, auto_strategy, check_shapes, lora_delta, mix_adapters, moe_lora
 from .routing import Routing, check_routing_args, forced_routing
+
+# The stacked weight's rows are padded to a multiple of this: the GEMM's output rows stay 16-byte aligned
+# in every floating dtype (an unaligned row stride takes cuBLAS off its tensor-core kernels).
+STACK_ROWS = 16
 
 
 class MeteoRALinear(nn.Module):
@@ -27,6 +32,13 @@ class MeteoRALinear(nn.Module):
     B_e[:, q], with ``lora_b`` a (N, d_out, r) view of it), the scaling in the accumulation dtype, the
     shapes and settings checked. ``forward`` checks nothing and calls the operator
     ``torch.ops.meteora.moe_lora`` (:mod:`meteora.kernels.op`) for the fused strategy.
+
+    The base weight W, every A and the gate W_g are one buffer of (d_out + N r + N, d_in) rows (padded), the
+    three parameters views into it (no extra memory; see :meth:`restack`): inference with the fused strategy
+    makes ONE GEMM x [W; A; W_g]^T for the base output, the gate logits and every down-projection, then one launch
+    (``torch.ops.meteora.moe_lora_mix``) for the routing and the chosen B's, added to the base output.
+    Gradients (gate training) take the operator ``moe_lora``, which differentiates the three apart.
+    ``stack_weights=False`` leaves the base weight's tensor alone (three products per call).
     """
 
     def __init__(
@@ -40,6 +52,7 @@ class MeteoRALinear(nn.Module):
         strategy: str = "auto",
         mode: str = "topk",
         train_adapters: bool = False,
+        stack_weights: bool = True,
     ) -> None:
         super().__init__()
         check_shapes(base.weight.new_empty(0, base.in_features), None, lora_a, lora_b)
@@ -68,6 +81,62 @@ class MeteoRALinear(nn.Module):
         self.forced_single = False
         self.keep_routing = False
         self.last_routing: Routing | None = None
+        self._stack: torch.Tensor | None = None  # [W; A_flat; W_g; 0], see restack (not a buffer: not saved twice)
+        self._stack_bias: torch.Tensor | None = None
+        self.stack_weights = stack_weights
+        self.restack()
+
+    def restack(self) -> None:
+        """Make W, A and W_g views into one buffer [W; A_flat; W_g; 0] of (d_out + N r + N, d_in) rows padded
+        with zero rows to a multiple of STACK_ROWS (so that the product's rows stay aligned for the GEMM),
+        and the base bias, if any, a view into [b; 0]; a no-op when they already are. Runs at construction,
+        after ``.to()``, ``.half()`` and the like, and after ``copy.deepcopy`` or unpickling (which give
+        every parameter a tensor of its own); call it after replacing one of the three tensors by other
+        means (``load_state_dict(assign=True)``). Until then, and for parameters that cannot share a buffer
+        (other dtypes or devices, quantised or sharded weights), the forward makes the three products
+        apart: slower, the same result."""
+        if self._stack_is_live():
+            return
+        self._stack = self._stack_bias = None
+        weight, gate, lora_a, bias = self.base.weight, self.gate.weight, self.lora_a, self.base.bias
+        params = (weight, gate, lora_a) if bias is None else (weight, gate, lora_a, bias)
+        if (not self.stack_weights or type(self.base) is not nn.Linear
+                or any(type(p) is not nn.Parameter or type(p.data) is not torch.Tensor for p in params)
+                or len({(p.dtype, p.device) for p in params}) != 1 or not weight.is_floating_point()):
+            return
+        (d_out, d_in), nr, n = weight.shape, lora_a.shape[0] * lora_a.shape[1], gate.shape[0]
+        rows = d_out + nr + n
+        with torch.no_grad():
+            pad = weight.new_zeros(-rows % STACK_ROWS, d_in)
+            stack = torch.cat([weight.detach(), lora_a.detach().reshape(nr, d_in), gate.detach(), pad])
+            weight.data = stack[:d_out]
+            lora_a.data = stack[d_out:d_out + nr].view(lora_a.shape)
+            gate.data = stack[d_out + nr:rows]
+            if bias is not None:
+                stack_bias = torch.cat([bias.detach(), bias.new_zeros(stack.shape[0] - d_out)])
+                bias.data = stack_bias[:d_out]
+                self._stack_bias = stack_bias
+        self._stack = stack
+
+    def _stack_is_live(self) -> bool:
+        """Whether W, A and W_g (and the bias) are still the views :meth:`restack` made."""
+        stack = self._stack
+        if stack is None:
+            return False
+        start, row = stack.data_ptr(), stack.shape[1] * stack.element_size()
+        d_out, bias = self.base.out_features, self.base.bias
+        return (self.base.weight.data_ptr() == start and self.lora_a.data_ptr() == start + d_out * row
+                and self.gate.weight.data_ptr() == start + (d_out + self.lora_a.shape[0] * self.lora_a.shape[1]) * row
+                and (bias is None or (self._stack_bias is not None and bias.data_ptr() == self._stack_bias.data_ptr())))
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.restack()
+        return self
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy and unpickling copy the three views apart
+        super().__setstate__(state)
+        self.restack()
 
     @property
     def num_adapters(self) -> int:
@@ -90,10 +159,22 @@ class MeteoRALinear(nn.Module):
         leading, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         strategy = self.strategy
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad
+                                            or self.lora_b_rows.requires_grad)
         if strategy == "auto":
-            grad = torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad)
             strategy = auto_strategy(x.device.type, x.dtype, grad, x2.shape[0])
-        if strategy == "fused" and x.dtype == self.lora_a.dtype:
+        stacked = (strategy == "fused" and not grad and x.dtype == self.lora_a.dtype
+                   and (self._stack is not None if torch.compiler.is_compiling() else self._stack_is_live()))
+        if stacked:  # one GEMM for the base output, the gate logits and every A, then one launch
+            y = F.linear(x2, self._stack, self._stack_bias)
+            d_out, nr = self.base.out_features, self.lora_a.shape[0] * self.lora_a.shape[1]
+            out, logits, indices, weights = moe_lora_mix_op(
+                y[:, d_out + nr:d_out + nr + self.num_adapters], y[:, d_out:d_out + nr], self.lora_b, self.scaling, y[:, :d_out],
+                self.top_k, float(self.temperature), self.mode,
+            )
+            out = out.reshape(*leading, out.shape[-1])
+            routing = Routing(logits, indices, weights).reshape(*leading) if self.keep_routing else None
+        elif strategy == "fused" and x.dtype == self.lora_a.dtype:
             out, logits, indices, weights, _ = moe_lora_op(
                 x2.contiguous(), None, self.gate.weight, self.lora_a, self.lora_b, self.scaling, self.base(x2),
                 self.top_k, float(self.temperature), self.mode,

@@ -209,10 +209,12 @@ def attach_meteora(
     strategy: str = "auto",
     target_modules: Sequence[str] = DEFAULT_TARGETS,
     mode: str = "topk",
+    stack_weights: bool = True,
 ) -> MeteoRAModel:
     """Embed N LoRA adapters (PEFT folders, a name -> folder mapping, or an :class:`AdapterBank`) into a
     Hugging Face LLaMA-architecture causal LM, in place: every target nn.Linear becomes a
-    :class:`MeteoRALinear` with its own gate. Everything but the gates is frozen."""
+    :class:`MeteoRALinear` with its own gate. Everything but the gates is frozen. With ``stack_weights``
+    each base weight becomes a view into one buffer with its gate and A's (see :class:`MeteoRALinear`)."""
     attached = [name for name, m in model.named_modules() if isinstance(m, MeteoRALinear)]
     if attached:
         raise ValueError(
@@ -231,6 +233,7 @@ def attach_meteora(
         base = getattr(parent, child)
         if isinstance(base, MeteoRALinear):
             raise ValueError(f"module {name} already carries MeteoRA; attach once")
-        layer = MeteoRALinear(base, stacked.lora_a, stacked.lora_b, stacked.scaling, top_k, temperature, strategy, mode)
+        layer = MeteoRALinear(base, stacked.lora_a, stacked.lora_b, stacked.scaling, top_k, temperature, strategy, mode,
+                              stack_weights=stack_weights)
         setattr(parent, child, layer)
     return MeteoRAModel(model, bank.names)

@@ -40,17 +40,27 @@ def dense_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: 
     """x (T, d_in); gate_x (T, d_in) or None (the gate reads x); gate_weight (N, d_in); lora_a (N, r, d_in);
     lora_b (N, d_out, r); scaling (N,); base (T, d_out) or None. Returns out (T, d_out) = base + delta,
     logits (T, N), indices (T, k) int64, weights (T, k) (k = N for mode soft), h (T, N r)."""
-    num_tokens, d_in = x.shape
-    num_adapters, rank, _ = lora_a.shape
-    acc = accumulation_dtype(x.dtype)
+    num_adapters, rank, d_in = lora_a.shape
     hidden = F.linear(x, lora_a.reshape(num_adapters * rank, d_in))
-    routing = route_unchecked(F.linear(x if gate_x is None else gate_x, gate_weight).to(acc), top_k, temperature, mode)
+    gate_logits = F.linear(x if gate_x is None else gate_x, gate_weight)
+    return (*dense_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode), hidden)
+
+
+def dense_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
+    """Routing and the mixture from the products already made: gate_logits (T, N) and h = x A^T (T, N r)
+    in x's dtype with unit last stride (views into one stacked GEMM's output, or plain tensors); the
+    rest as for :func:`dense_forward`. Returns (out, logits, indices, weights)."""
+    num_tokens, num_adapters = gate_logits.shape
+    rank = lora_b.shape[2]
+    acc = accumulation_dtype(hidden.dtype)
+    routing = route_unchecked(gate_logits.to(acc, copy=True), top_k, temperature, mode)  # never an alias of the input
     indices = routing.indices.contiguous()
     coef = routing_coef(indices, routing.weights, scaling, num_adapters, mode == "soft")
-    mixed = (hidden.view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(x.dtype).view(num_tokens, num_adapters * rank)
+    mixed = (hidden.view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(hidden.dtype)
+    mixed = mixed.view(num_tokens, num_adapters * rank)
     b_flat = flat_b(lora_b)
     out = mixed @ b_flat if base is None else torch.addmm(base, mixed, b_flat)
-    return out, routing.logits, indices, routing.weights, hidden
+    return out, routing.logits, indices, routing.weights
 
 
 def routing_backward(dweights: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

@@ -151,15 +151,15 @@ def _column_coef(idx, w, adapter, kcols, K: tl.constexpr):
 
 
 @triton.jit
-def _load_logits(gl_ptr, rows, rmask, gcols, N):
-    """(BM, NP) float32 gate logits; -inf past N."""
+def _load_logits(gl_ptr, rows, rmask, gcols, N, stride_t):
+    """(BM, NP) float32 gate logits (row stride stride_t); -inf past N."""
     gmask = gcols < N
-    logits = tl.load(gl_ptr + rows[:, None] * N + gcols[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
+    logits = tl.load(gl_ptr + rows[:, None] * stride_t + gcols[None, :], mask=rmask[:, None] & gmask[None, :], other=0.0)
     return tl.where(gmask[None, :], logits.to(tl.float32), float("-inf"))
 
 
 @triton.jit
-def _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp,
+def _columns_coef(gl_ptr, stride_gl_t, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp,
                   MODE: tl.constexpr, K: tl.constexpr):
     """(BM, BK) w s of the adapter of each column e r + q of the adapter axis (0 where not chosen)."""
     adapter = cols // R
@@ -167,7 +167,8 @@ def _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, k
         scaled = logits * inv_temp
         row_max = tl.max(scaled, axis=1)
         row_den = tl.sum(tl.exp(scaled - row_max[:, None]), axis=1)
-        col_logits = tl.load(gl_ptr + rows[:, None] * N + adapter[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        col_logits = tl.load(gl_ptr + rows[:, None] * stride_gl_t + adapter[None, :], mask=rmask[:, None] & cmask[None, :],
+                             other=0.0)
         coef = tl.exp(col_logits.to(tl.float32) * inv_temp - row_max[:, None]) / row_den[:, None]
     else:
         coef = _column_coef(idx, w, adapter, kcols, K)
@@ -188,7 +189,7 @@ def _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits
 
 
 _EXPAND_PTRS = ["gl_ptr", "h_ptr", "b_ptr", "scale_ptr", "base_ptr", "out_ptr", "logits_ptr", "idx_ptr", "w_ptr"]
-_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_base_t"]
+_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_gl_t", "stride_h_t", "stride_base_t"]
 _EXPAND_CONFIGS = [
     triton.Config({"BM": 16, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
     triton.Config({"BM": 16, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
@@ -206,21 +207,22 @@ _EXPAND_CONFIGS = [
 @_jit(_EXPAND_INTS, _EXPAND_PTRS)
 def _route_expand_kernel(
     gl_ptr, h_ptr, b_ptr, scale_ptr, base_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
-    T, N, R, NR, DOUT, T_BUCKET, stride_base_t, inv_temp,
+    T, N, R, NR, DOUT, T_BUCKET, stride_gl_t, stride_h_t, stride_base_t, inv_temp,
     MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
     HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Route a block of tokens and write (base +) sum_e w_te s_e B_e h_te for a block of output columns.
-    gl (T, N) and h (T, N r) in x's dtype; B_flat (N r, DOUT) and out (T, DOUT) contiguous; base (T, DOUT)
-    with row stride stride_base_t."""
+    gl (T, N) and h (T, N r) in x's dtype with row strides stride_gl_t and stride_h_t (views into one
+    stacked product, or contiguous); B_flat (N r, DOUT) and out (T, DOUT) contiguous; base (T, DOUT) with
+    row stride stride_base_t."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     rmask = rows < T
     gcols = tl.arange(0, NP)
     kcols = tl.arange(0, KP)
-    logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
     coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
     if pid_n == 0:
         _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
@@ -231,9 +233,10 @@ def _route_expand_kernel(
     for c0 in range(0, NR, BK):
         cols = c0 + tl.arange(0, BK)
         cmask = cols < NR
-        col_coef = _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp, MODE, K)
+        col_coef = _columns_coef(gl_ptr, stride_gl_t, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R,
+                                 inv_temp, MODE, K)
         if tl.max(tl.abs(col_coef)) > 0:  # some token of the block chose an adapter of this chunk
-            h = tl.load(h_ptr + rows[:, None] * NR + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            h = tl.load(h_ptr + rows[:, None] * stride_h_t + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             b = tl.load(b_ptr + cols[:, None] * DOUT + ncols[None, :], mask=cmask[:, None] & nmask[None, :], other=0.0)
             acc = _mma(h.to(tl.float32) * col_coef, b, acc, DTYPE, IEEE)
     omask = rmask[:, None] & nmask[None, :]
@@ -242,27 +245,30 @@ def _route_expand_kernel(
     tl.store(out_ptr + rows[:, None] * DOUT + ncols[None, :], acc.to(DTYPE), mask=omask)
 
 
-@_jit(["T", "N", "R", "NR"], ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
+@_jit(["T", "N", "R", "NR", "stride_gl_t", "stride_h_t"],
+      ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
 def _route_mix_kernel(
     gl_ptr, h_ptr, scale_ptr, mix_ptr, logits_ptr, idx_ptr, w_ptr,
-    T, N, R, NR, inv_temp,
+    T, N, R, NR, stride_gl_t, stride_h_t, inv_temp,
     MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, DTYPE: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):
-    """Route a block of tokens and write mix[t, e r + q] = w_te s_e h_te[q] (0 for adapters not chosen)."""
+    """Route a block of tokens and write mix[t, e r + q] = w_te s_e h_te[q] (0 for adapters not chosen);
+    gl and h with row strides stride_gl_t and stride_h_t, mix contiguous."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < T
     gcols = tl.arange(0, NP)
     kcols = tl.arange(0, KP)
-    logits = _load_logits(gl_ptr, rows, rmask, gcols, N)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
     coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
     _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
     for c0 in range(0, NR, BK):
         cols = c0 + tl.arange(0, BK)
         cmask = cols < NR
         mask = rmask[:, None] & cmask[None, :]
-        col_coef = _columns_coef(gl_ptr, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R, inv_temp, MODE, K)
-        h = tl.load(h_ptr + rows[:, None] * NR + cols[None, :], mask=mask & (col_coef != 0), other=0.0).to(tl.float32)
+        col_coef = _columns_coef(gl_ptr, stride_gl_t, scale_ptr, rows, rmask, cols, cmask, logits, idx, w, kcols, N, R,
+                                 inv_temp, MODE, K)
+        h = tl.load(h_ptr + rows[:, None] * stride_h_t + cols[None, :], mask=mask & (col_coef != 0), other=0.0).to(tl.float32)
         tl.store(mix_ptr + rows[:, None] * NR + cols[None, :], (h * col_coef).to(DTYPE), mask=mask)
 
 
@@ -286,7 +292,7 @@ def _route_backward_kernel(
     rmask = rows < T
     gcols = tl.arange(0, NP)
     gmask = rmask[:, None] & (gcols < N)[None, :]
-    logits = _load_logits(logits_ptr, rows, rmask, gcols, N)
+    logits = _load_logits(logits_ptr, rows, rmask, gcols, N, N)
     coef, probs, chosen, _idx, _w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
 
     q = tl.arange(0, RP)
@@ -352,38 +358,50 @@ def fused_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: 
     gate_weight (N, d_in), lora_a (N, r, d_in), lora_b (N, d_out, r), base (T, d_out) with unit last stride
     or None, all in x's dtype; scaling (N,) float32. Returns out (T, d_out) = base + delta, logits (T, N)
     float32, indices (T, k) int64, weights (T, k) float32 (k = N for mode soft) and h (T, N r)."""
-    num_tokens, d_in = x.shape
-    num_adapters, rank, _ = lora_a.shape
-    d_out = lora_b.shape[1]
-    nr = num_adapters * rank
+    num_adapters, rank, d_in = lora_a.shape
     gate_logits = F.linear(x if gate_x is None else gate_x, gate_weight)
-    hidden = F.linear(x, lora_a.reshape(nr, d_in))
+    hidden = F.linear(x, lora_a.reshape(num_adapters * rank, d_in))
+    return (*fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode), hidden)
+
+
+def fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
+    """Routing and the chosen adapters' B from the products already made: gate_logits (T, N) and
+    h = x A^T (T, N r) in x's dtype with unit last stride (views into one stacked GEMM's output, see
+    :class:`meteora.MeteoRALinear`, or plain tensors); lora_b, scaling and base as for
+    :func:`fused_forward`. Returns (out, logits, indices, weights)."""
+    num_tokens, num_adapters = gate_logits.shape
+    d_out, rank = lora_b.shape[1], lora_b.shape[2]
+    nr = num_adapters * rank
+    device, dtype = hidden.device, hidden.dtype
     soft = mode == "soft"
     k = num_adapters if soft else top_k
-    logits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=torch.float32)
-    weights = torch.empty(num_tokens, k, device=x.device, dtype=torch.float32)
-    indices = (torch.arange(num_adapters, device=x.device).expand(num_tokens, num_adapters).contiguous() if soft
-               else torch.empty(num_tokens, k, device=x.device, dtype=torch.int64))
+    logits = torch.empty(num_tokens, num_adapters, device=device, dtype=torch.float32)
+    weights = torch.empty(num_tokens, k, device=device, dtype=torch.float32)
+    indices = (torch.arange(num_adapters, device=device).expand(num_tokens, num_adapters).contiguous() if soft
+               else torch.empty(num_tokens, k, device=device, dtype=torch.int64))
     b_flat = lora_b.permute(0, 2, 1).reshape(nr, d_out)  # row e r + q = B_e[:, q]; a view for the layer's B
+    strides = (gate_logits.stride(0), hidden.stride(0))
     if num_tokens < LARGE_TOKENS:
-        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, x.dtype, top_k, mode, base is not None)
-        out = torch.empty(num_tokens, d_out, device=x.device, dtype=x.dtype)
+        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, dtype, top_k, mode, base is not None)
+        out = torch.empty(num_tokens, d_out, device=device, dtype=dtype)
         _launch(
             _route_expand_kernel, grid, key,
             (gate_logits, hidden, b_flat, scaling, out if base is None else base, out, logits, indices, weights,
-             num_tokens, num_adapters, rank, nr, d_out, bucket, d_out if base is None else base.stride(0), 1.0 / temperature),
+             num_tokens, num_adapters, rank, nr, d_out, bucket, *strides, d_out if base is None else base.stride(0),
+             1.0 / temperature),
             constexprs,
         )
-        return out, logits, indices, weights, hidden
-    mix = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
-    constexprs, key, grid = _row_plan("mix", num_tokens, num_adapters, rank, x.dtype, top_k, mode, BK=64)
+        return out, logits, indices, weights
+    mix = torch.empty(num_tokens, nr, device=device, dtype=dtype)
+    constexprs, key, grid = _row_plan("mix", num_tokens, num_adapters, rank, dtype, top_k, mode, BK=64)
     _launch(
         _route_mix_kernel, grid, key,
-        (gate_logits, hidden, scaling, mix, logits, indices, weights, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
+        (gate_logits, hidden, scaling, mix, logits, indices, weights, num_tokens, num_adapters, rank, nr, *strides,
+         1.0 / temperature),
         constexprs,
     )
     out = mix @ b_flat if base is None else torch.addmm(base, mix, b_flat)
-    return out, logits, indices, weights, hidden
+    return out, logits, indices, weights
 
 
 def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,

@@ -6,6 +6,10 @@ for tracing, an autograd formula through a second operator, ``meteora::moe_lora_
 ``custom_op`` (``python -m benchmarks.op_overhead``). Calling the implementation directly costs nothing,
 so :func:`moe_lora_op` does that when neither tracing nor autograd needs the operator (eager inference).
 
+``torch.ops.meteora.moe_lora_mix`` is the second half alone, for inference: the routing and the chosen B's
+from a gate-logit and down-projection block that the caller already computed (one GEMM against the stacked
+[W; W_g; A] in :class:`meteora.MeteoRALinear`).
+
 Implementations: on CUDA in float16 / bfloat16 / float32, the Triton kernels of :mod:`meteora.kernels.fused`;
 everywhere else (CPU, float64, no tokens) the plain torch form of :mod:`meteora.kernels.dense`.
 """
@@ -14,13 +18,17 @@ from __future__ import annotations
 import torch
 
 from ._common import SUPPORTED_DTYPES
-from .dense import accumulation_dtype, dense_backward, dense_forward
-from .fused import fused_backward, fused_forward
+from .dense import accumulation_dtype, dense_backward, dense_forward, dense_mix
+from .fused import fused_backward, fused_forward, fused_mix
 
 _LIB = torch.library.Library("meteora", "DEF")
 _LIB.define(
     "moe_lora(Tensor x, Tensor? gate_x, Tensor gate_weight, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor? base, "
     "int top_k, float temperature, str mode) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "moe_lora_mix(Tensor gate_logits, Tensor hidden, Tensor lora_b, Tensor scaling, Tensor? base, int top_k, "
+    "float temperature, str mode) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LIB.define(
     "moe_lora_backward(Tensor grad_out, Tensor? grad_logits, Tensor? grad_weights, Tensor x, Tensor? gate_x, "
@@ -45,6 +53,16 @@ def moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, 
     return dense_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
 
 
+def moe_lora_mix_impl(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode):
+    """The mixture from products already made (inference: no autograd formula): gate_logits (T, N) and
+    h = x A^T (T, N r), in x's dtype with unit last stride, e.g. column blocks of one GEMM against the stacked
+    [W; W_g; A] (:class:`meteora.MeteoRALinear`); the rest as for :func:`moe_lora_impl`. Returns (out,
+    logits, indices, weights)."""
+    if _on_kernels(hidden):
+        return fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
+    return dense_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
+
+
 def _fake(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode):
     num_tokens = x.shape[0]
     num_adapters, rank, _ = lora_a.shape
@@ -53,6 +71,14 @@ def _fake(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperat
     return (x.new_empty(num_tokens, lora_b.shape[1]), x.new_empty(num_tokens, num_adapters, dtype=acc),
             x.new_empty(num_tokens, k, dtype=torch.int64), x.new_empty(num_tokens, k, dtype=acc),
             x.new_empty(num_tokens, num_adapters * rank))
+
+
+def _mix_fake(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode):
+    num_tokens, num_adapters = gate_logits.shape
+    k = num_adapters if mode == "soft" else top_k
+    acc = accumulation_dtype(hidden.dtype)
+    return (hidden.new_empty(num_tokens, lora_b.shape[1]), hidden.new_empty(num_tokens, num_adapters, dtype=acc),
+            hidden.new_empty(num_tokens, k, dtype=torch.int64), hidden.new_empty(num_tokens, k, dtype=acc))
 
 
 def _backward_impl(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
@@ -75,8 +101,10 @@ def _backward_fake(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
 
 
 _LIB.impl("moe_lora", moe_lora_impl, "CompositeExplicitAutograd")
+_LIB.impl("moe_lora_mix", moe_lora_mix_impl, "CompositeExplicitAutograd")
 _LIB.impl("moe_lora_backward", _backward_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("meteora::moe_lora", _fake, lib=_LIB)
+torch.library.register_fake("meteora::moe_lora_mix", _mix_fake, lib=_LIB)
 torch.library.register_fake("meteora::moe_lora_backward", _backward_fake, lib=_LIB)
 
 
@@ -118,3 +146,11 @@ def moe_lora_op(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: in
             or (gate_x is not None and gate_x.requires_grad) or (base is not None and base.requires_grad))):
         return torch.ops.meteora.moe_lora(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
     return moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
+
+
+def moe_lora_mix_op(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
+    """``torch.ops.meteora.moe_lora_mix`` (see :func:`moe_lora_mix_impl`), unchecked: through the dispatcher
+    when torch.compile traces, a direct call otherwise. Inference only: it has no gradient."""
+    if torch.compiler.is_compiling():
+        return torch.ops.meteora.moe_lora_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
+    return moe_lora_mix_impl(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
