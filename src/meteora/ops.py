@@ -48,11 +48,12 @@ class AutoRule(NamedTuple):
 
 
 # What "auto" picks, the first matching row winning; from side-by-side measurements of the 7 projections of a
-# decoder layer (SmolLM2-135M shapes, 10 adapters, r=8, float32, no gradients, interleaved rounds on a
-# 2-core CPU): the operator's dense form costs 1.33x / 2.1x / 1.7x a single LoRA at 1 / 16 / 64 tokens,
-# against 3.0x / 5.1x / 6.1x for bmm; on CUDA the operator's Triton kernels at every token count (the
-# layer section of benchmarks/, reports/benchmark/), its dense form for float64. Rows for other strategies
-# go here when a measurement favours them somewhere.
+# decoder layer (reports/benchmark/: benchmarks/, layer section). On CUDA the operator's Triton kernels at every
+# token count, its dense form for float64. On CPU (SmolLM2-135M shapes, 10 adapters, r=8, float32, 2 cores)
+# the operator's dense form is the fastest strategy measured at every token count (about 2.7x / 1.9x / 1.4x a
+# single LoRA at 1 / 16 / 256 tokens, against 3.0x / 3.2x / 5.7x for bmm): at few tokens its dozen small
+# routing ops, not the products, take the time. Rows for other strategies go here when a measurement
+# favours them somewhere.
 AUTO_TABLE: tuple[AutoRule, ...] = (
     AutoRule("cuda", None, None, 0, None, "fused"),
     AutoRule("cpu", None, None, 0, None, "fused"),

@@ -159,7 +159,7 @@ def routing_table(results: dict, train: dict | None) -> str:
 
 def benchmark_series(name: str, bench: dict, routing: str = "random") -> dict[str, dict[str, list[tuple[float, float]]]]:
     """(tokens, ms) points per strategy from the `layer` cells of a benchmark JSON (see
-    :mod:`meteora.benchmark`): one panel per (file, model shapes, dtype), cells of the given routing."""
+    :mod:`benchmarks`): one panel per (file, model shapes, dtype), cells of the given routing."""
     series: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for cell in bench.get("layer", []):
         if cell.get("routing") != routing or not isinstance(cell.get("ms"), (int, float)):
