@@ -22,14 +22,14 @@ def random_questions(seed: int, samples: int = 5, segments: int = 3) -> list[lis
              for n in torch.randint(2, 9, (segments,), generator=g)] for _ in range(samples)]
 
 
-def reference_chain(model, tok, questions: list[str], budgets: list[int], adapters: list[str] | None = None) -> Chain:
-    """One sample alone: each segment's question joins the history, then the greedy answer (cut at EOS)."""
+def reference_chain(model, tok, questions: list[str], budgets: list[int], models: list | None = None) -> Chain:
+    """One sample alone: each segment's question joins the history, then the greedy answer (cut at EOS);
+    segment i answered by `models[i]` when given."""
     chain = Chain()
     for i, (q, budget) in enumerate(zip(questions, budgets)):
         start = len(chain.ids)
         chain.ids += tok(q if i == 0 else SEPARATOR + q, add_special_tokens=False)["input_ids"]
-        kwargs = {"adapter_names": [adapters[i]]} if adapters else {}
-        new = reference_greedy_ids(model, chain.ids, budget, tok.eos_token_id, **kwargs)
+        new = reference_greedy_ids(models[i] if models else model, chain.ids, budget, tok.eos_token_id)
         new = new[:-1] if new and new[-1] == tok.eos_token_id else new
         answer_start = len(chain.ids)
         chain.ids += new
@@ -71,25 +71,61 @@ def test_batched_chains_equal_one_sample_at_a_time_meteora(meteora):
     assert [c.ids for c in chains] == [reference_chain(meteora, tok, q, budgets).ids for q in questions]
 
 
-def test_oracle_answers_each_segment_with_its_own_adapter(adapters):
+def peft_with_all(base, dirs):
     from peft import PeftModel
 
-    base, dirs = adapters
     names = list(dirs)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(str(dirs[name]), adapter_name=name)
-    peft_model.eval()
+    return peft_model.eval()
+
+
+def merged_copy(base, adapter_dir):
+    """An independent single-adapter model: PEFT's merge_and_unload on a fresh copy of the base."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).merge_and_unload().eval()
+
+
+def test_oracle_answers_each_segment_with_its_own_adapter(adapters):
+    base, dirs = adapters
+    names = list(dirs)
+    peft_model = peft_with_all(base, dirs)
     tok = word_tokenizer()
     questions = random_questions(3, samples=3)
     records = [{"tasks": names, "metrics": ["exact_match", "contains", "generation"], "questions": q} for q in questions]
     budgets = {"exact_match": 2, "contains": 3, "generation": 4}
     chains = answer_chained(Method("oracle", peft_model, tok, oracle=True), records, budgets, 2, SEPARATOR)
-    expected = [reference_chain(peft_model, tok, q, [2, 3, 4], adapters=names) for q in questions]
+    singles = [merged_copy(base, dirs[n]) for n in names]
+    expected = [reference_chain(None, tok, q, [2, 3, 4], models=singles) for q in questions]
     assert [c.ids for c in chains] == [c.ids for c in expected]
-    with peft_model.disable_adapter():  # and the adapters matter here: the base model answers otherwise
-        plain = [reference_chain(peft_model, tok, q, [2, 3, 4]) for q in questions]
+    plain = [reference_chain(base.eval(), tok, q, [2, 3, 4]) for q in questions]  # the adapters matter here
     assert [c.ids for c in plain] != [c.ids for c in expected]
+
+
+def test_merged_adapter_is_peft_and_restores_the_base_exactly(adapters):
+    """While merged, the PEFT model's logits are the adapter's (unmerged, float64 check); afterwards every
+    base weight is bit for bit what it was, and the other adapters answer as before."""
+    from stages.answers import merged_adapter
+
+    base, dirs = adapters
+    names = list(dirs)
+    peft_model = peft_with_all(base, dirs)
+    ids = torch.randint(1, 80, (2, 9), generator=torch.Generator().manual_seed(5))
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with torch.no_grad():
+        peft_model.set_adapter(names[1])
+        unmerged = peft_model(input_ids=ids).logits
+        with merged_adapter(peft_model, names[1]):
+            merged = peft_model(input_ids=ids).logits
+        peft_model.set_adapter(names[0])
+        other = peft_model(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(merged, other, atol=1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in peft_model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, other)
 
 
 def test_segment_routing_counts_each_chains_own_tokens(meteora):
@@ -153,3 +189,21 @@ def test_chained_averages_and_differences_get_intervals():
     per_sample = [sum(v) / 2 for v in zip(*(s["per_example"] for s in chained["composite-3"]["meteora"]["subtasks"].values()))]
     assert cis["meteora"]["estimate"] == pytest.approx(sum(per_sample) / 12)
     assert cis["meteora-lora_b"]["estimate"] == pytest.approx(cis["meteora"]["estimate"] - cis["lora_b"]["estimate"])
+
+
+def test_oracle_answers_each_task_with_its_own_adapter(adapters):
+    """Table 1's oracle: every task's prompts decoded by that task's adapter (merged), the batch indices
+    reported into the one list of all prompts."""
+    from stages.answers import DecodeSettings, answer_tests
+    from stages.generation import greedy_generate
+
+    base, dirs = adapters
+    tok = word_tokenizer()
+    tests = {name: [{"input": " ".join(q), "metric": "generation"} for q in random_questions(10 + i, samples=3)]
+             for i, name in enumerate(dirs)}
+    seen: list[int] = []
+    out = answer_tests(Method("oracle", peft_with_all(base, dirs), tok, oracle=True), tests,
+                       DecodeSettings(2, None, {"generation": 4}), on_batch=seen.extend)
+    for name, records in tests.items():
+        assert out[name] == greedy_generate(merged_copy(base, dirs[name]), tok, [r["input"] for r in records], 4)
+    assert sorted(seen) == list(range(9)) and any(a for v in out.values() for a in v)

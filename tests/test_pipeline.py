@@ -178,7 +178,13 @@ def test_second_half_outputs(second_half):
     assert set(chained) == {"tasks", "meteora", "oracle", "lora_b", "base"}
     assert set(chained["meteora"]["segment_routing"]["segment"]) == set(TASKS)
     assert set(results["intervals"]["chained"]["composite-3"]) >= {"meteora", "meteora-lora_b", "meteora-oracle"}
-    assert 0.0 <= results["routing"]["overall"] <= 1.0 and set(results["routing"]["per_task"]) == set(TASKS)
+    routing = results["routing"]
+    assert set(routing["per_task"]) == set(TASKS)
+    confusion = routing["confusion"]  # counted apart from the accuracy: its diagonal must be the accuracy
+    assert confusion["tasks"] == confusion["adapters"] == TASKS
+    for i, task in enumerate(TASKS):
+        assert sum(confusion["shares"][i]) == pytest.approx(1.0, abs=1e-3)
+        assert confusion["shares"][i][i] == pytest.approx(routing["per_task"][task], abs=1e-3)
     summary = json.loads((project / "reports" / "eval" / "summary.json").read_text())
     assert set(summary["table1"]) == set(methods) and "routing_accuracy" in summary
     trace = json.loads((project / "reports" / "eval" / "traces.json").read_text())["composite-3"]  # chained
@@ -186,7 +192,7 @@ def test_second_half_outputs(second_half):
     assert [b["task"] for b in trace["boundaries"]] == TASKS and len(trace["answer_spans"]) == 3
     for name in ("table1", "per_task", "table2", "chained", "routing"):
         assert (project / "reports" / "tables" / f"{name}.md").read_text().count("|") > 10, name
-    for name in ("fig3_radar", "fig4_routing_trace", "fig5_strategies"):
+    for name in ("fig3_radar", "fig4_routing_trace", "fig5_strategies", "fig6_routing_confusion"):
         assert (project / "reports" / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert "Table 1" in (project / "reports" / "results.md").read_text()
     metrics = run(project, str(VENV_BIN / "dvc"), "metrics", "show", "--json").stdout

@@ -2,13 +2,16 @@
 (shared by the stages baselines and evaluate).
 
 A method (base, PEFT oracle, LoRA-B, MeteoRA top-k) is a :class:`Method`: its name and the model
-context that answers. :func:`answer_tests` decodes every task's test prompts in one pass (batches of
-one decoding budget, sorted by length); :func:`answer_composite` the numbered answers of a composite set.
+context that answers; a single PEFT adapter answers merged into the base weights (:func:`merged_adapter`:
+a LoRA model decodes at the bare model's cost, the base weights restored exactly afterwards).
+:func:`answer_tests` decodes every task's test prompts in one pass (batches of one decoding budget,
+sorted by length); :func:`answer_composite` the numbered answers of a composite set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,17 +76,47 @@ class DecodeSettings:
         return cls(int(c.batch_size), c.max_prompt_tokens, {"composite": int(c.max_new_tokens_per_task) * num_subtasks})
 
 
+@contextlib.contextmanager
+def merged_adapter(model, adapter: str) -> Iterator[None]:
+    """PEFT's LoRA `adapter` of `model` (a PeftModel) merged into the base weights while the block runs, so
+    that the model decodes as the bare model does (PEFT's merge: W + s B A in the weights' dtype); on exit
+    the adapter is unmerged and the base weights are copied back from a saved copy, bit for bit."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError(f"cannot merge adapter {adapter!r}: the model has no LoRA layers")
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.set_adapter(adapter)
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for m, weight in zip(layers, saved):
+                m.get_base_layer().weight.copy_(weight)
+
+
 @dataclass
 class Method:
     """One row of Table 1: its name and the model context that answers, built once.
 
-    `oracle`: a PEFT model holding every task's adapter under the task's name; each prompt is answered
-    with its own task's adapter (PEFT's mixed-batch `adapter_names`)."""
+    `adapter`: `model` is a PEFT model that answers with this one adapter, merged (:func:`merged_adapter`).
+    `oracle`: `model` is a PEFT model holding every task's adapter under the task's name; each task's
+    prompts (a chained sample's segments: each segment) are answered with that task's adapter, merged."""
 
     name: str
     model: torch.nn.Module
     tokenizer: object
     oracle: bool = False
+    adapter: str | None = None
+
+    def answering(self, task: str | None = None) -> contextlib.AbstractContextManager:
+        """The model ready to answer `task`'s prompts: its adapter merged in (oracle), the method's one
+        adapter merged in, or the model as it is."""
+        name = task if self.oracle else self.adapter
+        return merged_adapter(self.model, name) if name is not None else contextlib.nullcontext()
 
 
 def test_items(tests: dict[str, list[dict]]) -> list[tuple[str, int]]:
@@ -93,14 +126,21 @@ def test_items(tests: dict[str, list[dict]]) -> list[tuple[str, int]]:
 
 def answer_tests(method: Method, tests: dict[str, list[dict]], settings: DecodeSettings,
                  on_batch: Callable[[list[int]], None] | None = None) -> dict[str, list[str]]:
-    """Greedy answers of `method` to all tasks' test prompts in one pass; `on_batch` gets the indices
-    (into :func:`test_items`) of each batch's rows."""
+    """Greedy answers of `method` to all tasks' test prompts in one pass (the oracle: one pass per task,
+    its adapter merged); `on_batch` gets the indices (into :func:`test_items`) of each batch's rows."""
     items = test_items(tests)
-    prompts = [tests[t][i]["input"] for t, i in items]
-    budgets = [settings.max_new_tokens[tests[t][i]["metric"]] for t, i in items]
-    texts = sharded_generate(method.model, method.tokenizer, prompts, budgets, settings.batch_size,
-                             settings.max_prompt_tokens, on_batch=on_batch,
-                             adapter_names=[t for t, _ in items] if method.oracle else None)
+    groups = [(t, [j for j, (task, _) in enumerate(items) if task == t]) for t in tests] if method.oracle \
+        else [(None, list(range(len(items))))]
+    texts = [""] * len(items)
+    for task, rows in groups:
+        prompts = [tests[items[j][0]][items[j][1]]["input"] for j in rows]
+        budgets = [settings.max_new_tokens[tests[items[j][0]][items[j][1]]["metric"]] for j in rows]
+        report = None if on_batch is None else (lambda batch, rows=rows: on_batch([rows[b] for b in batch]))
+        with method.answering(task):
+            answers = sharded_generate(method.model, method.tokenizer, prompts, budgets, settings.batch_size,
+                                       settings.max_prompt_tokens, on_batch=report)
+        for j, text in zip(rows, answers):
+            texts[j] = text
     out = {task: [""] * len(records) for task, records in tests.items()}
     for (t, i), text in zip(items, texts):
         out[t][i] = text
@@ -110,9 +150,12 @@ def answer_tests(method: Method, tests: dict[str, list[dict]], settings: DecodeS
 def answer_composite(method: Method, records: list[dict], settings: DecodeSettings,
                      on_batch: Callable[[list[int]], None] | None = None) -> list[str]:
     """Greedy numbered answers of `method` to one composite set."""
-    return sharded_generate(method.model, method.tokenizer, [r["input"] for r in records],
-                            settings.max_new_tokens["composite"], settings.batch_size, settings.max_prompt_tokens,
-                            on_batch=on_batch)
+    if method.oracle:
+        raise ValueError("the oracle answers one task at a time; a numbered composite answer has several")
+    with method.answering():
+        return sharded_generate(method.model, method.tokenizer, [r["input"] for r in records],
+                                settings.max_new_tokens["composite"], settings.batch_size, settings.max_prompt_tokens,
+                                on_batch=on_batch)
 
 
 def score_tests(tests: dict[str, list[dict]], predictions: dict[str, list[str]]) -> dict[str, dict]:

@@ -4,7 +4,8 @@ Methods (`eval.methods` among base, oracle, lora_b): the base model; PEFT with e
 chosen by hand (the oracle, an upper reference: it is told the task); the LoRA-B baseline (one LoRA on
 the task mixture), which also answers the composite sets (Table 2). All three answer the chained
 composite sets (:mod:`stages.chained`; the oracle with each segment's own adapter). Decoding in
-`eval.dtype`. A gate sweep (`meteora.*`, `gate.*`)
+`eval.dtype`, each single adapter merged into the base weights while it answers
+(:func:`stages.answers.merged_adapter`: a LoRA model decodes at the bare model's cost). A gate sweep (`meteora.*`, `gate.*`)
 leaves this stage cached. Writes reports/eval/baselines.json (scores with per-example values, the
 predictions, and a digest of the test prompts that evaluate checks before merging).
 Run: `python -m stages.baselines [eval.max_test_per_task=5 ...]`.
@@ -91,16 +92,14 @@ def baselines(cfg: DictConfig) -> dict:
         if "oracle" in methods:
             for task in tasks[1:]:
                 peft_model.load_adapter(str(adapter_dir(cfg, task)), adapter_name=task, autocast_adapter_dtype=False)
-            oracle = Method("oracle", peft_model, tokenizer, oracle=True)
-            # one task at a time: every batch holds one adapter (PEFT splits a mixed batch per adapter)
-            record("oracle", {t: answer_tests(oracle, {t: r}, decode)[t] for t, r in tests.items()}, started)
+            oracle = Method("oracle", peft_model, tokenizer, oracle=True)  # one task at a time, its adapter merged
+            record("oracle", answer_tests(oracle, tests, decode), started)
             record_chained(oracle)
         if "lora_b" in methods:
             started = time.perf_counter()
             peft_model.load_adapter(str(Path(cfg.paths.artifacts) / "lora_b"), adapter_name="lora_b",
                                     autocast_adapter_dtype=False)
-            peft_model.set_adapter("lora_b")
-            lora_b = Method("lora_b", peft_model, tokenizer)
+            lora_b = Method("lora_b", peft_model, tokenizer, adapter="lora_b")
             record("lora_b", answer_tests(lora_b, tests, decode), started)
             record_chained(lora_b)
             for name, records in composites.items():

@@ -10,6 +10,7 @@ top-1 adapter is the segment's task.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,11 +48,12 @@ def chain_questions(records: Sequence[dict]) -> list[list[str]]:
 
 @torch.no_grad()
 def chained_generate(model: torch.nn.Module, tokenizer, questions: Sequence[Sequence[str]], budgets: Sequence[int],
-                     batch_size: int, separator: str = "\n\n", adapter_names: Sequence[str] | None = None) -> list[Chain]:
+                     batch_size: int, separator: str = "\n\n",
+                     segment: Callable[[int], contextlib.AbstractContextManager] | None = None) -> list[Chain]:
     """Greedy chained answers: for segment i, every sample's history plus `separator` and question i is
     decoded (batches of `batch_size`, left padding, longest first) for at most `budgets[i]` new tokens;
-    the answer (cut at the first EOS) joins the history. `adapter_names[i]` (a PEFT model with several
-    adapters): the adapter that answers segment i (the oracle)."""
+    the answer (cut at the first EOS) joins the history. `segment(i)`: the context that segment i is
+    decoded in (the oracle: segment i's task's adapter merged in)."""
     prepare_tokenizer(tokenizer)
     n = len(budgets)
     if any(len(q) != n for q in questions):
@@ -64,22 +66,31 @@ def chained_generate(model: torch.nn.Module, tokenizer, questions: Sequence[Sequ
             starts.append(len(chain.ids))
             chain.ids += tokenizer(q[i] if i == 0 else separator + q[i], add_special_tokens=False)["input_ids"]
         order = sorted(range(len(chains)), key=lambda b: -len(chains[b].ids))
-        for s in range(0, len(order), batch_size):
-            rows = order[s:s + batch_size]
-            batch = tokenizer.pad({"input_ids": [chains[b].ids for b in rows]}, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if adapter_names is not None:
-                batch["adapter_names"] = [adapter_names[i]] * len(rows)
-            generated = model.generate(**batch, max_new_tokens=int(budgets[i]), do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for b, new in zip(rows, generated[:, batch["input_ids"].shape[1]:].tolist()):
-                answer = new[: next((j for j, t in enumerate(new) if t == tokenizer.eos_token_id), len(new))]
+        with contextlib.ExitStack() as stack:
+            if segment is not None:
+                stack.enter_context(segment(i))
+            answers = [_generate(model, tokenizer, [chains[b].ids for b in order[s:s + batch_size]], int(budgets[i]),
+                                 device) for s in range(0, len(order), batch_size)]
+        for rows, new_ids in zip((order[s:s + batch_size] for s in range(0, len(order), batch_size)), answers):
+            for b, answer in zip(rows, new_ids):
                 chain = chains[b]
                 answer_start = len(chain.ids)
                 chain.ids += answer
                 chain.spans.append((starts[b], answer_start, len(chain.ids)))
                 chain.answers.append(tokenizer.decode(answer, skip_special_tokens=True))
     return chains
+
+
+def _generate(model: torch.nn.Module, tokenizer, histories: list[list[int]], budget: int, device) -> list[list[int]]:
+    """Greedy new tokens of a batch of histories (left padding), each cut at its first EOS."""
+    batch = tokenizer.pad({"input_ids": histories}, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    generated = model.generate(**batch, max_new_tokens=budget, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out = []
+    for new in generated[:, batch["input_ids"].shape[1]:].tolist():
+        out.append(new[: next((j for j, t in enumerate(new) if t == tokenizer.eos_token_id), len(new))])
+    return out
 
 
 def answer_chained(method: Method, records: Sequence[dict], budgets: dict[str, int], batch_size: int,
@@ -91,8 +102,9 @@ def answer_chained(method: Method, records: Sequence[dict], budgets: dict[str, i
     segment_budgets = [budgets[m] for m in records[0]["metrics"]]
 
     def run(part: list[list[str]]) -> list[Chain]:
-        return chained_generate(method.model, method.tokenizer, part, segment_budgets, batch_size, separator,
-                                adapter_names=tasks if method.oracle else None)
+        with method.answering():  # the one adapter merged (the oracle merges per segment)
+            return chained_generate(method.model, method.tokenizer, part, segment_budgets, batch_size, separator,
+                                    segment=(lambda i: method.answering(tasks[i])) if method.oracle else None)
 
     return map_sharded(run, chain_questions(records))
 

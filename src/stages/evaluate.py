@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meteora import MeteoRAModel
@@ -88,8 +89,9 @@ def load_baselines(cfg: DictConfig, tests: dict[str, list[dict]], composites: di
 def answer_with_routing(model: MeteoRAModel, method: Method, tests: dict[str, list[dict]], settings: DecodeSettings,
                         ) -> tuple[dict[str, list[str]], dict]:
     """MeteoRA's answers and its top-1 routing accuracy on the prompts' tokens, the label of a prompt
-    being its task's adapter: overall (mean over layers), per task, per layer, and per prompt (what the
-    bootstrap resamples)."""
+    being its task's adapter: overall (mean over layers), per task, per layer, per prompt (what the
+    bootstrap resamples), and the confusion matrix: per task, the share of its prompt tokens whose top-1
+    adapter is each adapter (mean over modules; rows sum to 1)."""
     items = test_items(tests)
     labels = [list(model.adapter_names).index(t) for t, _ in items]
     with Top1RoutingRecorder(model, labels) as recorder:
@@ -98,6 +100,9 @@ def answer_with_routing(model: MeteoRAModel, method: Method, tests: dict[str, li
     for j, (task, _) in enumerate(items):
         correct[task] = correct.get(task, 0) + recorder.correct[j]
         count[task] = count.get(task, 0.0) + recorder.count[j]
+    chosen: dict[str, torch.Tensor] = {}
+    for j, (task, _) in enumerate(items):
+        chosen[task] = chosen.get(task, 0) + recorder.chosen[j]
     total_correct, total_count = sum(correct.values()), sum(count.values())
     routing = {
         "overall": float(total_correct.mean() / total_count),
@@ -105,6 +110,8 @@ def answer_with_routing(model: MeteoRAModel, method: Method, tests: dict[str, li
         "per_layer": {str(layer): float(c / total_count) for layer, c in enumerate(total_correct)},
         "per_prompt": {"correct": [float(recorder.correct[j].mean()) for j in range(len(items))],
                        "count": [recorder.count[j] for j in range(len(items))]},
+        "confusion": {"tasks": list(tests), "adapters": list(model.adapter_names),
+                      "shares": [[round(float(v), 4) for v in chosen[t] / count[t]] for t in tests]},
     }
     return answers, routing
 

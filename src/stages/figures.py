@@ -69,6 +69,30 @@ def routing_trace(trace: Mapping, path: Path) -> None:
     _save(fig, path)
 
 
+def routing_confusion(confusion: Mapping, path: Path, title: str) -> None:
+    """Task (row) by adapter (column): the share of the task's prompt tokens whose top-1 adapter is each
+    adapter (rows sum to 1; the diagonal is the routing accuracy per task), the value written in each cell.
+
+    confusion: {"tasks": [T names], "adapters": [N names], "shares": T x N list}
+    """
+    shares = np.asarray(confusion["shares"], dtype=float)
+    tasks, adapters = confusion["tasks"], confusion["adapters"]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(adapters), 1.2 + 0.45 * len(tasks)))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, pad=0.01, label="share of the task's prompt tokens (top-1)")
+    for (i, j), value in np.ndenumerate(shares):
+        ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
+                color="white" if value > 0.5 else "black")
+    ax.set_xticks(range(len(adapters)))
+    ax.set_xticklabels(adapters, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(tasks)))
+    ax.set_yticklabels(tasks, fontsize=7)
+    ax.set_xlabel("top-1 adapter")
+    ax.set_ylabel("prompt's task")
+    ax.set_title(title)
+    _save(fig, path)
+
+
 def strategy_runtime(series: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: Path) -> None:
     """Figure 5: one panel per benchmark (file, shapes, dtype); x = tokens, y = ms per decoder layer
     (both log), one line per forward strategy. series: {panel title: {strategy: [(tokens, ms), ...]}}."""

@@ -27,7 +27,6 @@ def greedy_generate(
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
     on_batch: Callable[[list[int]], None] | None = None,
-    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts`, decoded without special tokens, in the input order.
 
@@ -35,8 +34,6 @@ def greedy_generate(
     sorted by length within it, so that each batch of `batch_size` shares a budget and pads little; prompts longer than
     `max_prompt_tokens` keep their last tokens (the end holds the question and "[/INST]").
     `on_batch(indices)` is called before each batch with the indices (into `prompts`) of its rows.
-    `adapter_names` (a PEFT model with several LoRAs loaded): each prompt's adapter, applied per row by
-    PEFT's mixed-batch inference.
     """
     prepare_tokenizer(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -56,8 +53,6 @@ def greedy_generate(
             on_batch(chunk)
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
-        if adapter_names is not None:
-            batch["adapter_names"] = [adapter_names[i] for i in chunk]
         generated = model.generate(
             **batch,
             max_new_tokens=budgets[chunk[0]],
@@ -77,7 +72,6 @@ def sharded_generate(
     prompts: Sequence[str],
     *args,
     on_batch: Callable[[list[int]], None] | None = None,
-    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """:func:`greedy_generate` with the prompts shared out over the ranks of a process group (every
     rank decodes its share on its own replica of the model; see `python -m stages.launch`). `on_batch`
@@ -87,11 +81,9 @@ def sharded_generate(
     def run(part: list[tuple[int, str]]) -> list[str]:
         rows = [i for i, _ in part]
         local_on_batch = None if on_batch is None else (lambda chunk: on_batch([rows[j] for j in chunk]))
-        names = None if adapter_names is None else [adapter_names[i] for i in rows]
         budget, *rest = args
         budget = budget if isinstance(budget, int) else [budget[i] for i in rows]
-        return greedy_generate(model, tokenizer, [p for _, p in part], budget, *rest, on_batch=local_on_batch,
-                               adapter_names=names)
+        return greedy_generate(model, tokenizer, [p for _, p in part], budget, *rest, on_batch=local_on_batch)
 
     return map_sharded(run, list(enumerate(prompts)))
 

@@ -2,7 +2,7 @@
 
 Reads reports/eval/{results,traces}.json, reports/train_gates.json and every reports/benchmark/*.json;
 writes reports/tables/{table1,per_task,table2,chained,routing}.md, reports/figures/{fig3_radar,
-fig4_routing_trace,fig4b_routing_numbered,fig5_strategies}.png, reports/plots/table1.json (for `dvc plots`) and
+fig4_routing_trace,fig4b_routing_numbered,fig5_strategies,fig6_routing_confusion}.png, reports/plots/table1.json (for `dvc plots`) and
 reports/results.md (all of it on one page, with date, machine and command).
 Run: `python -m stages.report`.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from stages.common import load_config, read_json, write_json
-from stages.figures import markdown_table, radar, routing_trace, strategy_runtime
+from stages.figures import markdown_table, radar, routing_confusion, routing_trace, strategy_runtime
 from stages.mov_report import write_all as write_mov_reports
 
 METHOD_LABELS = {"base": "base model", "oracle": "PEFT oracle (right adapter by hand)", "lora_b": "LoRA-B"}
@@ -204,6 +204,12 @@ def run(cfg: DictConfig, argv: Sequence[str]) -> list[Path]:
         series.update(found)
     strategy_runtime(series, figures / "fig5_strategies.png")
     written.append(figures / "fig5_strategies.png")
+    confusion = (results.get("routing") or {}).get("confusion")
+    if confusion:
+        k = results["profile"]["gate_top_k"]
+        routing_confusion(confusion, figures / "fig6_routing_confusion.png",
+                          f"Figure 6: MeteoRA top-{k} routing on the test prompts, task x top-1 adapter (%)")
+        written.append(figures / "fig6_routing_confusion.png")
     write_json(reports / "plots" / "table1.json",
                [{"method": label(m), "average": r["average"]} for m, r in results["table1"].items()])
     written.append(reports / "plots" / "table1.json")

@@ -38,8 +38,8 @@ def score_adapter(cfg: DictConfig, task: str) -> dict:
         if side == "base":
             with peft_model.disable_adapter():
                 answers = answer_tests(Method(side, peft_model, tokenizer), tests, decode)
-        else:
-            answers = answer_tests(Method(side, peft_model, tokenizer), tests, decode)
+        else:  # merged into the base weights, as the baselines' oracle answers
+            answers = answer_tests(Method(side, peft_model, tokenizer, adapter=task), tests, decode)
         scores = score_tests(tests, answers)[task]
         scores["interval"] = bootstrap({task: scores["per_example"]}).to_dict()
         scores["examples"] = [{"target": r["target"], "output": o} for r, o in list(zip(tests[task], answers[task]))[:3]]

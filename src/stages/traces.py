@@ -21,7 +21,9 @@ class Top1RoutingRecorder:
     :func:`stages.generation.greedy_generate` (pass ``on_batch=recorder.set_rows``).
 
     Prefill forwards (more than one input token): per prompt and decoder layer, how many of the prompt's
-    non-padding tokens have as top-1 adapter the prompt's label (mean over the layer's modules).
+    non-padding tokens have as top-1 adapter the prompt's label (mean over the layer's modules), and per
+    prompt and adapter, how many of its tokens chose that adapter as top-1 (mean over all modules; the
+    rows of the routing confusion matrix).
     Decode forwards (one token): per prompt, each fed answer token's id and the share of modules whose
     top-1 is each adapter, shape (N,).
     labels[i] is the adapter index that prompt i should use (None: not scored).
@@ -37,6 +39,7 @@ class Top1RoutingRecorder:
         self.rows: list[int] = []
         self.correct: dict[int, torch.Tensor] = {}  # prompt -> (layers,) correct prompt tokens
         self.count: dict[int, float] = {}  # prompt -> non-padding prompt tokens
+        self.chosen: dict[int, torch.Tensor] = {}  # prompt -> (N,) prompt tokens whose top-1 is each adapter
         self.answer_ids: dict[int, list[int]] = {}
         self.answer_share: dict[int, list[torch.Tensor]] = {}
         self._handle = None
@@ -58,7 +61,7 @@ class Top1RoutingRecorder:
     def _gather(self) -> None:
         """After :func:`stages.generation.sharded_generate` every rank holds its own prompts' records:
         give every rank all of them."""
-        records = (self.correct, self.count, self.answer_ids, self.answer_share)
+        records = (self.correct, self.count, self.chosen, self.answer_ids, self.answer_share)
         for theirs in gather_objects([records]):
             for mine, their in zip(records, theirs):
                 mine.update(their)
@@ -74,9 +77,12 @@ class Top1RoutingRecorder:
             hits = ((top1 == labels[None, :, None]) & mask.cpu()[None]).sum(-1).float()  # (M, B)
             per_layer = torch.zeros(len(self.modules_per_layer), hits.shape[1]).index_add_(0, self.layer_of, hits)
             per_layer /= self.modules_per_layer[:, None]
+            picked = F.one_hot(top1, len(self.model.adapter_names)).float().mul_(mask.cpu()[None, :, :, None])
+            chosen = picked.sum(2).mean(0)  # (B, N)
             for b, row in enumerate(self.rows):
                 self.correct[row] = per_layer[:, b]
                 self.count[row] = float(mask[b].sum())
+                self.chosen[row] = chosen[b]
         else:
             share = F.one_hot(top1[:, :, 0], len(self.model.adapter_names)).float().mean(0)  # (B, N)
             for b, row in enumerate(self.rows):
