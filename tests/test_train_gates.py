@@ -156,3 +156,25 @@ def test_bad_loop_settings_name_their_config_keys(adapter_dirs, tmp_path):
                     gradient_accumulation=4)
     with pytest.raises(ValueError, match=r"gate\.steps=0: training needs at least one step"):
         make_trainer(adapter_dirs, tmp_path, steps=0)
+
+
+def test_fingerprint_changes_with_the_adapters_and_the_data(tmp_path):
+    """A checkpoint is resumed only by the same run: a retrained adapter (other bytes, same settings) or
+    other training examples give another fingerprint, the same inputs the same one."""
+    from omegaconf import OmegaConf
+
+    from stages.train_gates import fingerprint
+
+    base = tiny_llama(seed=0)
+    for i in range(2):
+        save_peft_adapter(base, tmp_path / "adapters" / f"task{i}", seed=20 + i)
+    cfg = OmegaConf.create({"paths": {"artifacts": str(tmp_path)}, "gate": {"steps": 8}, "meteora": {"top_k": 1},
+                            "model": {"name": "tiny"}, "seed": 0})
+    tasks = ["task0", "task1"]
+    examples, _ = routing_data()
+    key = fingerprint(cfg, tasks, examples)
+    assert key == fingerprint(cfg, tasks, routing_data()[0])
+    assert key != fingerprint(cfg, tasks, examples[1:])
+    assert key != fingerprint(cfg, tasks[::-1], examples)
+    save_peft_adapter(base, tmp_path / "adapters" / "task1", seed=99)  # retrained: same files, other weights
+    assert key != fingerprint(cfg, tasks, examples)

@@ -33,7 +33,7 @@ from stages.common import load_config, seed_everything, set_threads, stage_run
 from stages.distributed import DistInfo, destroy_distributed, is_main_process, save_gates, wrap_for_training
 from stages.launch import TrainerSettings, setup_distributed, trainer_summary
 from stages.objectives import GateObjective
-from stages.setup import build_meteora, load_task_split, selected_tasks
+from stages.setup import adapter_dir, build_meteora, load_task_split, selected_tasks
 from stages.trainer import CHECKPOINT_FORMAT, Encoded, LoopSettings, Trainer
 from stages.training import encode
 
@@ -127,12 +127,22 @@ class GateTrainer(Trainer):
         self.model = model
 
 
-def fingerprint(cfg: DictConfig, tasks: Sequence[str]) -> str:
-    """Identity of a training run: the gate settings, the tasks (adapter order), model and seed."""
+def fingerprint(cfg: DictConfig, tasks: Sequence[str], examples: Sequence[Encoded]) -> str:
+    """Identity of a training run: the gate settings, the tasks (adapter order), model and seed, the bytes
+    of every adapter file and the training examples. A retrained adapter or other data is another run, so
+    a checkpoint of the old one is never resumed in its place."""
     key = {"format": CHECKPOINT_FORMAT, "gate": OmegaConf.to_container(cfg.gate, resolve=True),
            "meteora": OmegaConf.to_container(cfg.meteora, resolve=True), "tasks": list(tasks),
            "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.seed}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for task in tasks:
+        folder = adapter_dir(cfg, task)
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(folder)).encode())
+            digest.update(file.read_bytes())
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_dir(cfg: DictConfig, run_key: str) -> Path:
@@ -162,7 +172,7 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
     examples = [encode(tokenizer, r["input"], r["target"], int(cfg.gate.max_length)) for _, r in records]
     settings = GateSettings.from_config(cfg.gate, int(cfg.seed))
     artifacts = Path(cfg.paths.artifacts)
-    run_key = fingerprint(cfg, tasks)
+    run_key = fingerprint(cfg, tasks, examples)
     with stage_run(cfg, "train_gates", params={"gate": cfg.gate, "meteora": cfg.meteora, "tasks": list(tasks),
                                                 "trainer": cfg.trainer}) as run:
         trainer = GateTrainer(
