@@ -311,6 +311,66 @@ def test_opcheck_mix_op(dtype):
         hidden = x @ lora_a.reshape(-1, x.shape[-1]).T
         torch.library.opcheck(torch.ops.meteora.moe_lora_mix.default,
                               (gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode))
+        grads = [t if t is None else t.clone().requires_grad_() for t in (gate_logits, hidden, lora_b, base)]
+        torch.library.opcheck(torch.ops.meteora.moe_lora_mix.default, (*grads[:3], scaling, grads[3], top_k, temperature, mode))
+
+
+def test_mix_op_gradients_match_float64_autograd():
+    """The mix operator's autograd formula (gate logits, h, B and base; every differentiable output) by
+    finite differences in float64, for each routing mode."""
+    samples = op_samples(torch.float64, n=4, d_in=5, d_out=4, tokens=3)
+    for x, gate_x, gate, lora_a, lora_b, scaling, base, top_k, temperature, mode in samples:
+        gate_logits = (x if gate_x is None else gate_x) @ gate.T
+        hidden = x @ lora_a.reshape(-1, x.shape[-1]).T
+        inputs = [gate_logits, hidden, lora_b] + ([base] if base is not None else [])
+
+        def f(g, h, b, *rest, scaling=scaling, top_k=top_k, temperature=temperature, mode=mode):
+            out, logits, _, weights = torch.ops.meteora.moe_lora_mix(g, h, b, scaling, rest[0] if rest else None, top_k, temperature, mode)
+            return out, logits, weights
+
+        assert torch.autograd.gradcheck(f, tuple(t.clone().requires_grad_() for t in inputs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["topk", "soft", "topk_unnormalized"])
+@pytest.mark.parametrize("train_adapters", [False, True])
+def test_stacked_gradient_path_matches_the_three_products(mode, train_adapters, monkeypatch):
+    """Gate training through the stacked GEMM (one product forward, one for dx backward) gives the output and
+    the gradients of x, the gate and the adapters that the three separate products give, in float64, and the
+    float64 answer in float32."""
+    import meteora.layer
+    from meteora import MeteoRALinear
+
+    x, gate, lora_a, lora_b, scaling = make_inputs(5, [3, 6], 24, 40, (3, 7), 41, torch.float64)
+    scaling = scaling.double()
+    torch.manual_seed(41)
+    layer = MeteoRALinear(torch.nn.Linear(24, 40).double(), lora_a, lora_b, scaling, top_k=2, strategy="fused", mode=mode,
+                          train_adapters=train_adapters)
+    layer.base.requires_grad_(False)
+    layer.keep_routing = True
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate)
+    applied = []
+    real_apply = meteora.layer._StackedProducts.apply
+    monkeypatch.setattr(meteora.layer._StackedProducts, "apply", lambda *a: applied.append(1) or real_apply(*a))
+
+    def run(module, inputs, stacked: bool):
+        monkeypatch.setattr(meteora.layer, "STACKED_GRAD_DEVICES", ("cpu",) if stacked else ())
+        module.zero_grad(set_to_none=True)
+        inputs = inputs.clone().requires_grad_()
+        before = len(applied)
+        out = module(inputs)
+        routing = module.last_routing
+        (out.square().sum() + 0.3 * routing.logits.square().sum() + routing.weights.sin().sum()).backward()
+        assert len(applied) - before == int(stacked)
+        params = [module.gate.weight] + ([module.lora_a, module.lora_b_rows] if train_adapters else [])
+        return [out.detach(), inputs.grad] + [p.grad for p in params]
+
+    three, stacked = run(layer, x, False), run(layer, x, True)
+    for a, b in zip(stacked, three):
+        assert a is not None and a.abs().sum() > 0 and rel_err(a, b) < 1e-12
+    single = run(layer.float(), x.float(), True)
+    for a, b in zip(single, three):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -14,7 +14,7 @@ from torch import nn
 from .adapters import AdapterBank, load_adapter_bank
 from .checkpoint import load_gate_state, save_gate_state
 from .layer import MeteoRALinear
-from .routing import check_routing_args, topk_lowest_index
+from .routing import check_routing_args
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -149,23 +149,28 @@ class MeteoRAModel(nn.Module):
         }
 
     def routing_accuracy(self, task_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
-        """Share of tokens whose top-1 adapter is their task's: overall, per decoder layer, per module."""
-        per_module: dict[str, float] = {}
-        per_layer: dict[int, list[float]] = {}
-        correct_total = count_total = 0.0
-        for name, routing in self._routings().items():
-            top1 = topk_lowest_index(routing.logits.detach(), 1)[1][..., 0]  # (B, T)
+        """Share of tokens whose top-1 adapter (the lower index on ties) is their task's: overall, per decoder
+        layer, per module. Counted on the device, read back once."""
+        routings = self._routings()
+        counts = []  # hits per module, then the number of valid tokens
+        valid = None
+        for routing in routings.values():
+            top1 = routing.logits.detach().argmax(-1)  # (B, T): the first maximum, as topk_lowest_index
             hit = top1 == task_ids.to(top1.device)[:, None]
-            valid = torch.ones_like(hit) if attention_mask is None else attention_mask.to(top1.device).bool()
-            correct, count = float((hit & valid).sum()), float(valid.sum())
-            per_module[name] = correct / max(count, 1.0)
+            if valid is None:
+                valid = torch.ones_like(hit) if attention_mask is None else attention_mask.to(top1.device).bool()
+            counts.append((hit & valid).sum())
+        if valid is None:
+            return {"overall": 0.0, "per_layer": {}, "per_module": {}}
+        *correct, count = torch.stack([*counts, valid.sum()]).tolist()
+        per_module = {name: c / max(count, 1.0) for name, c in zip(routings, correct)}
+        per_layer: dict[int, list[float]] = {}
+        for name, share in per_module.items():
             match = _LAYER_INDEX.search(f".{name}.")
             if match:
-                per_layer.setdefault(int(match.group(1)), []).append(per_module[name])
-            correct_total += correct
-            count_total += count
+                per_layer.setdefault(int(match.group(1)), []).append(share)
         return {
-            "overall": correct_total / max(count_total, 1.0),
+            "overall": sum(correct) / max(count * len(correct), 1.0),
             "per_layer": {layer: sum(v) / len(v) for layer, v in sorted(per_layer.items())},
             "per_module": per_module,
         }

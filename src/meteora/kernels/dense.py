@@ -76,15 +76,15 @@ def routing_backward(dweights: torch.Tensor, logits: torch.Tensor, indices: torc
     return probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True)) / temperature
 
 
-def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
-                   logits, indices, weights, temperature: float, mode: str, needs: list[bool]):
-    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`dense_forward`'s outputs out, logits and
-    weights (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
-    num_tokens, d_in = x.shape
-    num_adapters, rank, _ = lora_a.shape
-    b_flat = flat_b(lora_b)
-    u = (grad_out @ b_flat.T).view(num_tokens, num_adapters, rank)  # u[t, e, q] = <g_t, B_e[:, q]>
-    h = hidden.view(num_tokens, num_adapters, rank)
+def dense_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, weights,
+                       temperature: float, mode: str, want_b: bool):
+    """Gradients of :func:`dense_mix`'s out, logits and weights (grad_logits / grad_weights may be None) with
+    respect to its inputs: (gate_logits (T, N), hidden (T, N r), lora_b (N, d_out, r) or None unless
+    ``want_b``), in hidden's dtype; the base's gradient is grad_out itself."""
+    num_tokens, nr = hidden.shape
+    num_adapters, rank = logits.shape[1], lora_b.shape[2]
+    u = (grad_out @ flat_b(lora_b).T).view(num_tokens, num_adapters, rank)  # u[t, e, q] = <g_t, B_e[:, q]>
+    h = hidden.reshape(num_tokens, num_adapters, rank)
     dw_all = (u.to(weights.dtype) * h.to(weights.dtype)).sum(-1) * scaling.to(weights.dtype)  # (T, N)
     dweights = dw_all if mode == "soft" else dw_all.gather(1, indices)
     if grad_weights is not None:
@@ -92,11 +92,25 @@ def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
     dlogits = routing_backward(dweights, logits, indices, weights, temperature, mode)
     if grad_logits is not None:
         dlogits = dlogits + grad_logits
-    dlogits = dlogits.to(x.dtype)
     coef = routing_coef(indices, weights, scaling, num_adapters, mode == "soft").unsqueeze(-1)
-    coef_u = (u * coef).to(x.dtype).view(num_tokens, num_adapters * rank)
+    coef_u = (u * coef).to(hidden.dtype).view(num_tokens, nr)
+    grad_b = None
+    if want_b:
+        coef_h = (h * coef).to(hidden.dtype).view(num_tokens, nr)
+        grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2)
+    return dlogits.to(hidden.dtype), coef_u, grad_b
+
+
+def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
+                   logits, indices, weights, temperature: float, mode: str, needs: list[bool]):
+    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`dense_forward`'s outputs out, logits and
+    weights (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
+    d_in = x.shape[1]
+    num_adapters, rank, _ = lora_a.shape
+    dlogits, coef_u, grad_b = dense_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits,
+                                                 indices, weights, temperature, mode, needs[4])
     gate_in = x if gate_x is None else gate_x
-    grad_x = grad_gate_x = grad_gate = grad_a = grad_b = None
+    grad_x = grad_gate_x = grad_gate = grad_a = None
     if needs[0]:
         grad_x = coef_u @ lora_a.reshape(-1, d_in)
         if gate_x is None:
@@ -107,7 +121,4 @@ def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
         grad_gate = dlogits.T @ gate_in
     if needs[3]:
         grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
-    if needs[4]:
-        coef_h = (h * coef).to(x.dtype).view(num_tokens, num_adapters * rank)
-        grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2)
     return grad_x, grad_gate_x, grad_gate, grad_a, grad_b

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, pow2, prune_by_tokens, tl_dtype, token_bucket, use_ieee_dot
+from .dense import flat_b
 
 MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
 # From this many tokens on, the forward takes the many-token regime (see the module docstring); measured on
@@ -404,35 +405,46 @@ def fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperatur
     return out, logits, indices, weights
 
 
-def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
-                   logits, indices, top_k: int, temperature: float, mode: str, needs: list[bool]):
-    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`fused_forward`'s out, logits and weights
-    (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
-    num_tokens, d_in = x.shape
-    num_adapters, rank, _ = lora_a.shape
-    nr = num_adapters * rank
-    b_flat = lora_b.permute(0, 2, 1).reshape(nr, -1)
-    u = grad_out @ b_flat.T  # u[t, e r + q] = <g_t, B_e[:, q]>
+def fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, top_k: int,
+                       temperature: float, mode: str, want_b: bool):
+    """Gradients of :func:`fused_mix`'s out, logits and weights (grad_logits / grad_weights may be None) with
+    respect to its inputs: (gate_logits (T, N), hidden (T, N r), lora_b (N, d_out, r) or None unless
+    ``want_b``), in hidden's dtype; the base's gradient is grad_out itself. grad_out (T, d_out) contiguous."""
+    num_tokens, nr = hidden.shape
+    num_adapters, rank = logits.shape[1], lora_b.shape[2]
+    u = grad_out @ flat_b(lora_b).T  # u[t, e r + q] = <g_t, B_e[:, q]>
     if grad_weights is not None and mode != "soft":
         grad_weights = torch.zeros_like(logits).scatter_add_(1, indices, grad_weights.float())
-    want_b = needs[4]
-    dlogits = torch.empty(num_tokens, num_adapters, device=x.device, dtype=x.dtype)
-    coef_u = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype)
-    coef_h = torch.empty(num_tokens, nr, device=x.device, dtype=x.dtype) if want_b else coef_u
+    dlogits = torch.empty(num_tokens, num_adapters, device=hidden.device, dtype=hidden.dtype)
+    coef_u = torch.empty(num_tokens, nr, device=hidden.device, dtype=hidden.dtype)
+    coef_h = torch.empty(num_tokens, nr, device=hidden.device, dtype=hidden.dtype) if want_b else coef_u
     constexprs, key, grid = _row_plan(
-        "backward", num_tokens, num_adapters, rank, x.dtype, top_k, mode, RP=pow2(rank),
+        "backward", num_tokens, num_adapters, rank, hidden.dtype, top_k, mode, RP=pow2(rank),
         HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_W=grad_weights is not None, WRITE_COEF_H=want_b,
     )
     _launch(
         _route_backward_kernel, grid, key,
-        (logits, hidden, u, scaling,
+        (logits, hidden.contiguous(), u, scaling,
          grad_logits.float().contiguous() if grad_logits is not None else logits,
          grad_weights.float().contiguous() if grad_weights is not None else logits,
          dlogits, coef_u, coef_h, num_tokens, num_adapters, rank, nr, 1.0 / temperature),
         constexprs,
     )
+    grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2) if want_b else None
+    return dlogits, coef_u, grad_b
+
+
+def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden,
+                   logits, indices, top_k: int, temperature: float, mode: str, needs: list[bool]):
+    """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`fused_forward`'s out, logits and weights
+    (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
+    d_in = x.shape[1]
+    num_adapters, rank, _ = lora_a.shape
+    nr = num_adapters * rank
+    dlogits, coef_u, grad_b = fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits,
+                                                 indices, top_k, temperature, mode, needs[4])
     gate_in = x if gate_x is None else gate_x
-    grad_x = grad_gate_x = grad_gate = grad_a = grad_b = None
+    grad_x = grad_gate_x = grad_gate = grad_a = None
     if needs[0]:
         grad_x = coef_u @ lora_a.reshape(nr, d_in)
         if gate_x is None:
@@ -443,8 +455,6 @@ def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
         grad_gate = dlogits.T @ gate_in
     if needs[3]:
         grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
-    if want_b:
-        grad_b = (grad_out.T @ coef_h).view(-1, num_adapters, rank).permute(1, 0, 2)
     return grad_x, grad_gate_x, grad_gate, grad_a, grad_b
 
 

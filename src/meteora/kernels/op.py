@@ -6,9 +6,10 @@ for tracing, an autograd formula through a second operator, ``meteora::moe_lora_
 ``custom_op`` (``python -m benchmarks.op_overhead``). Calling the implementation directly costs nothing,
 so :func:`moe_lora_op` does that when neither tracing nor autograd needs the operator (eager inference).
 
-``torch.ops.meteora.moe_lora_mix`` is the second half alone, for inference: the routing and the chosen B's
-from a gate-logit and down-projection block that the caller already computed (one GEMM against the stacked
-[W; W_g; A] in :class:`meteora.MeteoRALinear`).
+``torch.ops.meteora.moe_lora_mix`` is the second half alone: the routing and the chosen B's from a gate-logit
+and down-projection block that the caller already computed (one GEMM against the stacked [W; W_g; A] in
+:class:`meteora.MeteoRALinear`), with its own autograd formula (``meteora::moe_lora_mix_backward``: the
+gradients of the gate logits, of h = x A^T and of B; the caller's product gives those of x and W_g).
 
 Implementations: on CUDA in float16 / bfloat16 / float32, the Triton kernels of :mod:`meteora.kernels.fused`;
 everywhere else (CPU, float64, no tokens) the plain torch form of :mod:`meteora.kernels.dense`.
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ._common import SUPPORTED_DTYPES
-from .dense import accumulation_dtype, dense_backward, dense_forward, dense_mix
-from .fused import fused_backward, fused_forward, fused_mix
+from .dense import accumulation_dtype, dense_backward, dense_forward, dense_mix, dense_mix_backward
+from .fused import fused_backward, fused_forward, fused_mix, fused_mix_backward
 
 _LIB = torch.library.Library("meteora", "DEF")
 _LIB.define(
@@ -34,6 +35,11 @@ _LIB.define(
     "moe_lora_backward(Tensor grad_out, Tensor? grad_logits, Tensor? grad_weights, Tensor x, Tensor? gate_x, "
     "Tensor gate_weight, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor hidden, Tensor logits, Tensor indices, "
     "Tensor weights, int top_k, float temperature, str mode, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "moe_lora_mix_backward(Tensor grad_out, Tensor? grad_logits, Tensor? grad_weights, Tensor hidden, Tensor lora_b, "
+    "Tensor scaling, Tensor logits, Tensor indices, Tensor weights, int top_k, float temperature, str mode, bool want_b) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 
 
@@ -54,7 +60,7 @@ def moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, 
 
 
 def moe_lora_mix_impl(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode):
-    """The mixture from products already made (inference: no autograd formula): gate_logits (T, N) and
+    """The mixture from products already made: gate_logits (T, N) and
     h = x A^T (T, N r), in x's dtype with unit last stride, e.g. column blocks of one GEMM against the stacked
     [W; W_g; A] (:class:`meteora.MeteoRALinear`); the rest as for :func:`moe_lora_impl`. Returns (out,
     logits, indices, weights)."""
@@ -100,12 +106,32 @@ def _backward_fake(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
     return tuple(x.new_empty(shape) if want and shape is not None else x.new_empty(0) for want, shape in zip(needs, shapes))
 
 
+def _mix_backward_impl(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, weights, top_k,
+                       temperature, mode, want_b):
+    grad_out = grad_out.contiguous()
+    if _on_kernels(hidden):
+        grads = fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, top_k,
+                                   temperature, mode, want_b)
+    else:
+        grads = dense_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, weights,
+                                   temperature, mode, want_b)
+    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+def _mix_backward_fake(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, weights, top_k,
+                       temperature, mode, want_b):
+    return (hidden.new_empty(logits.shape), hidden.new_empty(hidden.shape),
+            hidden.new_empty(lora_b.shape) if want_b else hidden.new_empty(0))
+
+
 _LIB.impl("moe_lora", moe_lora_impl, "CompositeExplicitAutograd")
 _LIB.impl("moe_lora_mix", moe_lora_mix_impl, "CompositeExplicitAutograd")
 _LIB.impl("moe_lora_backward", _backward_impl, "CompositeExplicitAutograd")
+_LIB.impl("moe_lora_mix_backward", _mix_backward_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("meteora::moe_lora", _fake, lib=_LIB)
 torch.library.register_fake("meteora::moe_lora_mix", _mix_fake, lib=_LIB)
 torch.library.register_fake("meteora::moe_lora_backward", _backward_fake, lib=_LIB)
+torch.library.register_fake("meteora::moe_lora_mix_backward", _mix_backward_fake, lib=_LIB)
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,6 +164,30 @@ def _backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights, _grad_hid
 torch.library.register_autograd("meteora::moe_lora", _backward, setup_context=_setup_context, lib=_LIB)
 
 
+def _mix_setup_context(ctx, inputs, output):
+    _, hidden, lora_b, scaling, base, top_k, temperature, mode = inputs
+    _, logits, indices, weights = output
+    ctx.save_for_backward(hidden, lora_b, scaling, logits, indices, weights)
+    ctx.routing = (top_k, temperature, mode)
+    ctx.has_base = base is not None
+    ctx.set_materialize_grads(False)
+
+
+def _mix_backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights):
+    hidden, lora_b, scaling, logits, indices, weights = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = hidden.new_zeros(hidden.shape[0], lora_b.shape[1])
+    want_b = ctx.needs_input_grad[2]
+    grad_gate_logits, grad_hidden, grad_b = torch.ops.meteora.moe_lora_mix_backward(
+        grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, weights, *ctx.routing, want_b,
+    )
+    grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[4] else None
+    return grad_gate_logits, grad_hidden, grad_b if want_b else None, None, grad_base, None, None, None
+
+
+torch.library.register_autograd("meteora::moe_lora_mix", _mix_backward, setup_context=_mix_setup_context, lib=_LIB)
+
+
 def moe_lora_op(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
     """The operator (see :func:`moe_lora_impl` for the arguments), unchecked: through the dispatcher when
     torch.compile traces or autograd records, a direct call of the implementation otherwise."""
@@ -150,7 +200,10 @@ def moe_lora_op(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: in
 
 def moe_lora_mix_op(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
     """``torch.ops.meteora.moe_lora_mix`` (see :func:`moe_lora_mix_impl`), unchecked: through the dispatcher
-    when torch.compile traces, a direct call otherwise. Inference only: it has no gradient."""
-    if torch.compiler.is_compiling():
+    when torch.compile traces or autograd records (gradients reach gate_logits, hidden, lora_b and base), a
+    direct call otherwise."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            gate_logits.requires_grad or hidden.requires_grad or lora_b.requires_grad
+            or (base is not None and base.requires_grad))):
         return torch.ops.meteora.moe_lora_mix(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
     return moe_lora_mix_impl(gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)

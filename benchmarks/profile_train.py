@@ -1,0 +1,100 @@
+"""Where the time of one whole-model training step goes (the benchmark's train section): per system, the
+step's median ms; for MeteoRA also the step without the routing-accuracy bookkeeping, forward + backward
+alone and the forward alone; then the step's device kernels and host calls from torch.profiler. A
+diagnostic, printed, not a result:
+    PYTHONPATH=src:. python3 benchmarks/profile_train.py [--config conf/benchmark/gpu.yaml] [--device cuda] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.config import DTYPES, BenchConfig, load_config
+from benchmarks.systems import build_system
+from benchmarks.timing import time_ms
+from benchmarks.train import training_step
+from stages import objectives
+
+
+@contextlib.contextmanager
+def without_routing_accuracy(model):
+    """The step with MeteoRAModel.routing_accuracy replaced by a constant."""
+    original = model.routing_accuracy
+    model.routing_accuracy = lambda *a, **k: {"overall": 0.0, "per_layer": {}, "per_module": {}}
+    try:
+        yield
+    finally:
+        model.routing_accuracy = original
+
+
+def table(prof, steps: int, key: str, rows: int = 14) -> str:
+    events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0))[:rows]
+    return "\n".join(f"  {getattr(e, key, 0) / steps / 1e3:8.3f} ms  x{e.count // steps:4d}  {e.key[:90]}" for e in events)
+
+
+def meteora_parts(name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, cfg: BenchConfig, step, device) -> None:
+    """The step without routing accuracy, forward + backward alone, the forward alone (no grad)."""
+    with without_routing_accuracy(model):
+        print(f"{name}: step without routing accuracy {time_ms(step, device, cfg.warmup_ms, cfg.rep_ms):.3f} ms")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    objective = objectives.GateObjective(model, task_ids.tolist(), cfg.train.gate_loss_weight)
+
+    def forward_backward() -> None:
+        loss = objectives.answer_loss(model, batch) + cfg.train.gate_loss_weight * model.gate_loss(task_ids, batch["attention_mask"])
+        loss.backward()
+
+    def forward() -> None:
+        with torch.no_grad():
+            objectives.answer_loss(model, batch)
+
+    with objective.training():
+        print(f"{name}: forward + backward only {time_ms(forward_backward, device, cfg.warmup_ms, cfg.rep_ms):.3f} ms")
+        print(f"{name}: forward only (no grad) {time_ms(forward, device, cfg.warmup_ms, cfg.rep_ms):.3f} ms")
+    model.train()
+    model.keep_routing(True)  # as training_step left it
+
+
+def profile_system(name: str, cfg: BenchConfig, device: torch.device) -> None:
+    section = cfg.train
+    dtype, shapes = DTYPES[section.dtype], cfg.shapes[section.model]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    ids = torch.randint(0, shapes.vocab, (1, section.tokens), device=device, generator=gen)
+    task_ids = torch.randint(0, cfg.num_adapters, (1,), device=device, generator=gen)
+    model = build_system(name, cfg, shapes, section.layers, dtype, device).train()
+    step = training_step(name, model, ids, task_ids, section.gate_loss_weight)
+    print(f"{name}: step {time_ms(step, device, cfg.warmup_ms, cfg.rep_ms):.3f} ms", flush=True)
+    if name != "peft_lora":
+        meteora_parts(name, model, ids, task_ids, cfg, step, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        sync()
+    print(f"{name}: device kernels per step\n{table(prof, 5, 'self_device_time_total')}")
+    print(f"{name}: host calls per step\n{table(prof, 5, 'self_cpu_time_total')}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="conf/benchmark/gpu.yaml")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    device = torch.device(args.device)
+    for name in cfg.train.systems:
+        profile_system(name, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
