@@ -77,6 +77,8 @@ class TrainSection:
     tokens: int = 2048
     systems: list[str] = field(default_factory=lambda: ["peft_lora", "meteora"])
     gate_loss_weight: float = 50.0
+    repeats: int = 3  # interleaved rounds over the systems; rows give the median round
+    rep_ms: float = 1000.0  # per measurement (a step takes tens of ms: the global rep_ms would time one or two)
 
 
 @dataclass

@@ -7,6 +7,7 @@ memory, ratio to the PEFT LoRA step."""
 from __future__ import annotations
 
 import gc
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -46,40 +47,43 @@ def training_step(
 
 
 def run_train(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]) -> list[dict]:
-    """Rows {system, tokens, ms, peak_extra_mb, x_peft_lora, error}."""
+    """Rows {system, tokens, ms, rounds_ms, peak_extra_mb, x_peft_lora, error}: every system built once, then
+    ``repeats`` interleaved rounds of one measurement each (so that a drift of the machine hits them all);
+    ms is the median round."""
     section = cfg.train
     dtype = DTYPES[section.dtype]
     shapes = cfg.shapes[section.model]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     ids = torch.randint(0, shapes.vocab, (1, section.tokens), device=device, generator=gen)
     task_ids = torch.randint(0, cfg.num_adapters, (1,), device=device, generator=gen)
-    rows = []
+    rows, steps = {}, {}
     for name in section.systems:
-        row = {
-            "system": name,
-            "tokens": section.tokens,
-            "dtype": section.dtype,
-            "ms": None,
-            "peak_extra_mb": None,
-            "error": None,
-        }
+        rows[name] = {"system": name, "tokens": section.tokens, "dtype": section.dtype, "ms": None, "rounds_ms": [],
+                      "peak_extra_mb": None, "error": None}
         try:
             model = build_system(name, cfg, shapes, section.layers, dtype, device).train()
-            step = training_step(name, model, ids, task_ids, section.gate_loss_weight)
-            row["ms"] = time_ms(step, device, cfg.warmup_ms, cfg.rep_ms)
-            row["peak_extra_mb"] = peak_extra_mb(step, device)
-            del model, step
+            steps[name] = training_step(name, model, ids, task_ids, section.gate_loss_weight)
+            rows[name]["peak_extra_mb"] = peak_extra_mb(steps[name], device)
         except Exception as err:
-            row["error"] = error_text(err)
-        rows.append(row)
-        log(
-            f"train {name} T={section.tokens}: "
-            + (f"{row['ms']:.3f} ms" if row["ms"] is not None else f"ERROR {row['error']}")
-        )
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    single = next((r["ms"] for r in rows if r["system"] == "peft_lora"), None)
-    for r in rows:
-        r["x_peft_lora"] = ratio(r["ms"], single)
-    return rows
+            rows[name]["error"] = error_text(err)
+    for _ in range(section.repeats):
+        for name, step in steps.items():
+            if rows[name]["error"] is None:
+                try:
+                    rows[name]["rounds_ms"].append(time_ms(step, device, cfg.warmup_ms, section.rep_ms))
+                except Exception as err:
+                    rows[name]["error"] = error_text(err)
+    for row in rows.values():
+        if row["error"] is None and row["rounds_ms"]:
+            row["ms"] = statistics.median(row["rounds_ms"])
+        log(f"train {row['system']} T={section.tokens}: "
+            + (f"{row['ms']:.3f} ms (rounds {', '.join(f'{t:.2f}' for t in row['rounds_ms'])})" if row["ms"] is not None
+               else f"ERROR {row['error']}"))
+    del steps
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    single = rows["peft_lora"]["ms"] if "peft_lora" in rows else None
+    for row in rows.values():
+        row["x_peft_lora"] = ratio(row["ms"], single)
+    return list(rows.values())

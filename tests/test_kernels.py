@@ -377,13 +377,16 @@ def test_compiled_fullgraph_on_the_device_matches_eager():
 def test_stacked_gradient_path_on_the_device(dtype, num_tokens):
     """Gate training on the GPU takes the stacked GEMM and the mix operator's Triton backward: the output and
     the gradients of x and the gate against the three products in float64 on the CPU."""
+    import copy
+
     from meteora import MeteoRALinear
 
     x, gate, lora_a, lora_b, scaling = (t.cpu().double() for t in make_inputs(num_tokens, 64, 48, 6, 4, torch.float64, seed=16))
     torch.manual_seed(16)
+    base = torch.nn.Linear(64, 48).double()
     results = []
     for device, dt in (("cpu", torch.float64), (DEVICE, dtype)):
-        layer = MeteoRALinear(torch.nn.Linear(64, 48).double(), lora_a, lora_b, scaling, top_k=2, strategy="fused").to(device, dt)
+        layer = MeteoRALinear(copy.deepcopy(base), lora_a, lora_b, scaling, top_k=2, strategy="fused").to(device, dt)
         layer.base.requires_grad_(False)
         layer.keep_routing = True
         with torch.no_grad():
