@@ -23,10 +23,9 @@ from .timing import error_text, peak_extra_mb, ratio, time_ms
 def training_step(
     name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, gate_loss_weight: float
 ) -> Callable[[], None]:
-    """A closure doing one optimisation step of system ``name`` (``peft_lora``, ``meteora`` or
-    ``meteora_unstacked``: the gradients through three products instead of the stacked one) on the
+    """A closure doing one optimisation step of system ``name`` (``peft_lora`` or ``meteora``) on the
     sequence ``ids`` (1, T): the trainer's step on a one-example schedule, rewound before every call."""
-    if name in ("meteora", "meteora_unstacked"):
+    if name == "meteora":
         model.keep_routing(True)
         objective: Objective = GateObjective(model, task_ids.tolist(), gate_loss_weight)
     elif name == "peft_lora":
@@ -34,7 +33,7 @@ def training_step(
             p.requires_grad_("lora_" in n)
         objective = AnswerObjective(model)
     else:
-        raise ValueError(f"benchmark train.systems: {name!r} has no training step; expected peft_lora, meteora or meteora_unstacked")
+        raise ValueError(f"benchmark train.systems: {name!r} has no training step; expected peft_lora or meteora")
     tokens = ids[0].tolist()
     trainer = Trainer(objective, [Encoded(tokens, tokens)], [[0]], LoopSettings(steps=1, lr=1e-4, schedule="constant"),
                       pad_id=0, desc=f"benchmark {name}")

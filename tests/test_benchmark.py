@@ -95,7 +95,7 @@ def test_systems_are_the_bare_model_plus_adapters(name):
                 torch.testing.assert_close(system(input_ids=ids).logits, expected)
 
 
-@pytest.mark.parametrize("name", ["peft_lora", "meteora", "meteora_unstacked"])
+@pytest.mark.parametrize("name", ["peft_lora", "meteora"])
 def test_a_training_step_moves_only_what_trains(name):
     cfg = BenchConfig(num_adapters=3, rank=2, alpha=4.0, shapes={"s": SHAPES})
     model = build_system(name, cfg, SHAPES, 1, torch.float32, torch.device("cpu")).train()

@@ -331,48 +331,6 @@ def test_mix_op_gradients_match_float64_autograd():
         assert torch.autograd.gradcheck(f, tuple(t.clone().requires_grad_() for t in inputs), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["topk", "soft", "topk_unnormalized"])
-@pytest.mark.parametrize("train_adapters", [False, True])
-def test_stacked_gradient_path_matches_the_three_products(mode, train_adapters, monkeypatch):
-    """Gate training through the stacked GEMM (one product forward, one for dx backward) gives the output and
-    the gradients of x, the gate and the adapters that the three separate products give, in float64, and the
-    float64 answer in float32."""
-    import meteora.layer
-    from meteora import MeteoRALinear
-
-    x, gate, lora_a, lora_b, scaling = make_inputs(5, [3, 6], 24, 40, (3, 7), 41, torch.float64)
-    scaling = scaling.double()
-    torch.manual_seed(41)
-    layer = MeteoRALinear(torch.nn.Linear(24, 40).double(), lora_a, lora_b, scaling, top_k=2, strategy="fused", mode=mode,
-                          train_adapters=train_adapters)
-    layer.base.requires_grad_(False)
-    layer.keep_routing = True
-    with torch.no_grad():
-        layer.gate.weight.copy_(gate)
-    applied = []
-    real_apply = meteora.layer._StackedProducts.apply
-    monkeypatch.setattr(meteora.layer._StackedProducts, "apply", lambda *a: applied.append(1) or real_apply(*a))
-
-    def run(module, inputs, stacked: bool):
-        monkeypatch.setattr(meteora.layer, "STACKED_GRAD_DEVICES", ("cpu",) if stacked else ())
-        module.zero_grad(set_to_none=True)
-        inputs = inputs.clone().requires_grad_()
-        before = len(applied)
-        out = module(inputs)
-        routing = module.last_routing
-        (out.square().sum() + 0.3 * routing.logits.square().sum() + routing.weights.sin().sum()).backward()
-        assert len(applied) - before == int(stacked)
-        params = [module.gate.weight] + ([module.lora_a, module.lora_b_rows] if train_adapters else [])
-        return [out.detach(), inputs.grad] + [p.grad for p in params]
-
-    three, stacked = run(layer, x, False), run(layer, x, True)
-    for a, b in zip(stacked, three):
-        assert a is not None and a.abs().sum() > 0 and rel_err(a, b) < 1e-12
-    single = run(layer.float(), x.float(), True)
-    for a, b in zip(single, three):
-        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-5
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_layer_weights_share_one_buffer_and_inference_makes_one_product(bias, monkeypatch):
     """W, W_g and A of MeteoRALinear are views of one buffer (no extra memory) through .double(), deepcopy

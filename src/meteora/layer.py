@@ -14,42 +14,6 @@ from .routing import Routing, check_routing_args, forced_routing
 # in every floating dtype (an unaligned row stride takes cuBLAS off its tensor-core kernels).
 STACK_ROWS = 16
 
-# Devices where the gradient path (gate training) also takes the stacked product: measured on an H200
-# (reports/benchmark/, train section, meteora against meteora_unstacked). On CPU the three products stay apart,
-# as the default profile's gates were trained.
-STACKED_GRAD_DEVICES = ("cuda",)
-
-
-class _StackedProducts(torch.autograd.Function):
-    """x [W; A; W_g; 0]^T as one GEMM, returned as (base output (T, d_out), h = x A^T (T, N r), gate logits
-    (T, N)), differentiable in x, W_g and A (W and the bias are frozen): the backward makes dx as ONE GEMM
-    [g, dh, dlogits, 0] [W; A; W_g; 0], and dW_g = dlogits^T x (dA = dh^T x when the adapters train)."""
-
-    @staticmethod
-    def forward(ctx, x, stack, bias, gate_weight, lora_a, d_out: int):
-        nr, n = lora_a.shape[0] * lora_a.shape[1], gate_weight.shape[0]
-        y = F.linear(x, stack, bias)
-        ctx.save_for_backward(x, stack)
-        ctx.widths = (d_out, nr, n, stack.shape[0] - d_out - nr - n)
-        ctx.a_shape = lora_a.shape
-        ctx.set_materialize_grads(False)
-        return y[:, :d_out], y[:, d_out:d_out + nr].contiguous(), y[:, d_out + nr:d_out + nr + n].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_base, grad_hidden, grad_logits):
-        x, stack = ctx.saved_tensors
-        grads = (grad_base, grad_hidden, grad_logits, None)
-        grad_x = grad_gate = grad_a = None
-        if ctx.needs_input_grad[0]:
-            dy = torch.cat([x.new_zeros(x.shape[0], w) if g is None else g for g, w in zip(grads, ctx.widths)], dim=1)
-            grad_x = dy @ stack
-        if ctx.needs_input_grad[3] and grad_logits is not None:
-            grad_gate = grad_logits.T @ x
-        if ctx.needs_input_grad[4] and grad_hidden is not None:
-            grad_a = (grad_hidden.T @ x).view(ctx.a_shape)
-        return grad_x, None, None, grad_gate, grad_a, None
-
-
 class MeteoRALinear(nn.Module):
     """y = base(x) + sum over the gate's top-k adapters of w_i s_i B_i A_i x.
 
@@ -72,10 +36,9 @@ class MeteoRALinear(nn.Module):
     three parameters views into it (no extra memory; see :meth:`restack`): inference with the fused strategy
     makes ONE GEMM x [W; A; W_g]^T for the base output, the gate logits and every down-projection, then one launch
     (``torch.ops.meteora.moe_lora_mix``) for the routing and the chosen B's, added to the base output.
-    Gradients (gate training, W frozen) on the devices of STACKED_GRAD_DEVICES take the same one GEMM, and
-    its backward one GEMM for dx (see ``_StackedProducts``); elsewhere the operator ``moe_lora``, which
-    differentiates the three products apart. ``stack_weights=False`` leaves the base weight's tensor alone
-    (three products per call).
+    Gradients (gate training) go through the operator ``moe_lora``, which differentiates the three products
+    apart: a stacked GEMM with its own backward was measured no faster on an H200 (README, Speed).
+    ``stack_weights=False`` leaves the base weight's tensor alone (three products per call).
     """
 
     def __init__(
@@ -201,17 +164,11 @@ class MeteoRALinear(nn.Module):
         if strategy == "auto":
             strategy = auto_strategy(x.device.type, x.dtype, grad, x2.shape[0])
         live = self._stack is not None if torch.compiler.is_compiling() else self._stack_is_live()
-        stacked = strategy == "fused" and x.dtype == self.lora_a.dtype and live and (not grad or (
-            x.device.type in STACKED_GRAD_DEVICES and not self.base.weight.requires_grad
-            and (self.base.bias is None or not self.base.bias.requires_grad)))
-        if stacked:  # one GEMM for the base output, every A and the gate logits, then one launch
+        if strategy == "fused" and x.dtype == self.lora_a.dtype and live and not grad:
+            # one GEMM for the base output, every A and the gate logits, then one launch
             d_out, nr = self.base.out_features, self.lora_a.shape[0] * self.lora_a.shape[1]
-            if grad:
-                base, hidden, gate_logits = _StackedProducts.apply(x2, self._stack, self._stack_bias, self.gate.weight,
-                                                                  self.lora_a, d_out)
-            else:
-                y = F.linear(x2, self._stack, self._stack_bias)
-                base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + self.num_adapters]
+            y = F.linear(x2, self._stack, self._stack_bias)
+            base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + self.num_adapters]
             out, logits, indices, weights = moe_lora_mix_op(
                 gate_logits, hidden, self.lora_b, self.scaling, base, self.top_k, float(self.temperature), self.mode,
             )
