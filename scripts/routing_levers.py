@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 from workspace import ROOT, side_workspace
@@ -79,15 +80,16 @@ def main(argv: list[str]) -> None:
         scored = validate(settings, args.train)
         results[lever] = {"command": "python -m stages.train_gates " + " ".join(settings[:-2]), **scored,
                           "train_s": train.get("time_s"), "train_routing_final": train.get("final", {}).get("routing_accuracy"),
-                          "seconds": round(time.perf_counter() - started, 1)}
+                          "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat()}
         out_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{lever}: validation routing {100 * scored['routing']:.1f}%, average {scored['average']:.2f}", flush=True)
     rows = "\n".join(f"| {k} | `{' '.join(v['command'].split()[3:]) or '(defaults)'}` | {100 * v['routing']:.1f} | "
-                     f"{v['average']:.2f} | {v['train_s']} |" for k, v in results.items())
+                     f"{v['average']:.2f} | {v['train_s']} | {v.get('date', '')} |" for k, v in results.items())
     (ROOT / "reports" / "eval" / "levers.md").write_text(
         f"**Routing levers** (validation split: train records {args.train}+ of every task, unseen by the gates; "
         f"{args.steps} steps unless the lever changes them; one run each).\n\n"
-        "| lever | overrides | routing top-1 (%) | Table 1 average | train s |\n|---|---|---:|---:|---:|\n" + rows + "\n")
+        "| lever | overrides | routing top-1 (%) | Table 1 average | train s | measured |\n|---|---|---:|---:|---:|---:|\n"
+        + rows + "\n")
 
 
 if __name__ == "__main__":

@@ -105,10 +105,18 @@ def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
                    logits, indices, weights, temperature: float, mode: str, needs: list[bool]):
     """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`dense_forward`'s outputs out, logits and
     weights (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
-    d_in = x.shape[1]
-    num_adapters, rank, _ = lora_a.shape
     dlogits, coef_u, grad_b = dense_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits,
                                                  indices, weights, temperature, mode, needs[4])
+    return (*input_grads(x, gate_x, gate_weight, lora_a, dlogits, coef_u, needs), grad_b)
+
+
+def input_grads(x, gate_x, gate_weight, lora_a, dlogits, coef_u, needs: list[bool]):
+    """Gradients (x, gate_x, gate_weight, lora_a) of the mixture from the mix operator's backward:
+    dlogits (T, E), the gradient of the gate logits, and coef_u (T, E*r), that of every adapter's
+    down-projection A_e x_t. The gate reads gate_x (T, d_in) when given, else x (T, d_in); entries of
+    ``needs`` (x, gate_x, gate_weight, lora_a, ...) that are False give None."""
+    d_in = x.shape[1]
+    num_adapters, rank, _ = lora_a.shape
     gate_in = x if gate_x is None else gate_x
     grad_x = grad_gate_x = grad_gate = grad_a = None
     if needs[0]:
@@ -121,4 +129,4 @@ def dense_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
         grad_gate = dlogits.T @ gate_in
     if needs[3]:
         grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
-    return grad_x, grad_gate_x, grad_gate, grad_a, grad_b
+    return grad_x, grad_gate_x, grad_gate, grad_a

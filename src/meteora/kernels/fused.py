@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRET, pow2, prune_by_tokens, tl_dtype, token_bucket, use_ieee_dot
-from .dense import flat_b
+from .dense import flat_b, input_grads
 
 MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
 # From this many tokens on, the forward takes the many-token regime (see the module docstring); measured on
@@ -438,24 +438,9 @@ def fused_backward(grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, 
                    logits, indices, top_k: int, temperature: float, mode: str, needs: list[bool]):
     """Gradients (x, gate_x, gate_weight, lora_a, lora_b) of :func:`fused_forward`'s out, logits and weights
     (grad_logits / grad_weights may be None); entries of ``needs`` that are False give None."""
-    d_in = x.shape[1]
-    num_adapters, rank, _ = lora_a.shape
-    nr = num_adapters * rank
     dlogits, coef_u, grad_b = fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits,
                                                  indices, top_k, temperature, mode, needs[4])
-    gate_in = x if gate_x is None else gate_x
-    grad_x = grad_gate_x = grad_gate = grad_a = None
-    if needs[0]:
-        grad_x = coef_u @ lora_a.reshape(nr, d_in)
-        if gate_x is None:
-            grad_x = grad_x.addmm_(dlogits, gate_weight)
-    if needs[1] and gate_x is not None:
-        grad_gate_x = dlogits @ gate_weight
-    if needs[2]:
-        grad_gate = dlogits.T @ gate_in
-    if needs[3]:
-        grad_a = (coef_u.T @ x).view(num_adapters, rank, d_in)
-    return grad_x, grad_gate_x, grad_gate, grad_a, grad_b
+    return (*input_grads(x, gate_x, gate_weight, lora_a, dlogits, coef_u, needs), grad_b)
 
 
 class _FusedMoELoRA(torch.autograd.Function):
