@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"reference": reference["label"], "rows": rows}, indent=2) + "\n")
+
     def text(ci: dict, sign: str = "") -> str:
         return f"{ci['estimate']:{sign}.2f} [{ci['low']:{sign}.2f}, {ci['high']:{sign}.2f}]"
 
