@@ -4,8 +4,10 @@ Every lever retrains the gates (`python -m stages.train_gates`) on the first `--
 each task, with the lever's overrides, in its own workspace (artifacts/levers/<lever> with links to the
 pipeline's model and adapters); the gates are then scored on the remaining train records of each task
 (the validation split: seen by the adapters' training, never by the gates'): MeteoRA top-2 top-1
-routing accuracy on the prompt tokens, and the Table 1 average of its greedy answers (in eval.dtype).
-Writes reports/eval/levers.{json,md}. Run after `dvc repro` (the adapters must exist):
+routing accuracy on the prompt tokens, and the Table 1 average of its greedy answers (in eval.dtype),
+each with its 95% bootstrap interval over the validation prompts, and the paired interval of the
+difference to the baseline lever (the same prompts). Writes reports/eval/levers.{json,md}. Run after
+`dvc repro` (the adapters must exist):
 
     .venv/bin/python scripts/routing_levers.py [--steps 100] [--train 160] [--only lever ...] [override ...]
 """
@@ -32,7 +34,13 @@ LEVERS: dict[str, list[str]] = {
     "schedule_constant": ["gate.schedule=constant_with_warmup"],
     "temperature_0.5": ["meteora.temperature=0.5"],
     "gradient_full": ["gate.gradient=full"],
+    "lr_0.02": ["gate.lr=0.02"],
+    "lr_0.1": ["gate.lr=0.1"],
+    "template_unlabelled": ["gate.label_template=false"],
+    "init_normal": ["gate.init=normal"],
+    "init_zeros": ["gate.init=zeros"],
 }
+BASELINE = "baseline"
 
 
 def validate(settings: list[str], first: int) -> dict:
@@ -56,7 +64,51 @@ def validate(settings: list[str], first: int) -> dict:
                                            DecodeSettings.tests(cfg.eval))
     scores = score_tests(validation, answers)
     return {"routing": routing["overall"], "routing_per_task": routing["per_task"],
-            "average": table1_row(scores)["average"], "examples_per_task": {t: len(v) for t, v in validation.items()}}
+            "average": table1_row(scores)["average"], "examples_per_task": {t: len(v) for t, v in validation.items()},
+            "per_example": {t: s["per_example"] for t, s in scores.items()}, "routing_per_prompt": routing["per_prompt"]}
+
+
+def paired_ratio(a: dict, b: dict, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Routing accuracy A - B over the same prompts (per_prompt {"correct", "count"} of each), with its
+    percentile-bootstrap interval resampling prompts."""
+    import numpy as np
+
+    ca, cb = np.asarray(a["correct"]), np.asarray(b["correct"])
+    na, nb = np.asarray(a["count"]), np.asarray(b["count"])
+    if ca.shape != cb.shape or not np.array_equal(na, nb):
+        raise ValueError("paired routing: the two levers were scored on different validation prompts")
+    idx = np.random.default_rng(seed).integers(0, ca.size, size=(resamples, ca.size))
+    diffs = (ca[idx].sum(1) - cb[idx].sum(1)) / na[idx].sum(1)
+    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return float((ca.sum() - cb.sum()) / na.sum()), float(low), float(high)
+
+
+def with_intervals(results: dict) -> dict:
+    """Each lever's intervals (routing, average) and its paired differences to the baseline, where the
+    per-example data were kept (rows measured before that carry none)."""
+    from stages.stats import bootstrap, bootstrap_ratio, paired
+
+    base = results.get(BASELINE, {})
+    for name, row in results.items():
+        if "per_example" not in row:
+            continue
+        per_prompt = row["routing_per_prompt"]
+        row["intervals"] = {"routing": bootstrap_ratio(per_prompt["correct"], per_prompt["count"]).to_dict(),
+                            "average": bootstrap(row["per_example"]).to_dict()}
+        if name != BASELINE and "per_example" in base:
+            estimate, low, high = paired_ratio(per_prompt, base["routing_per_prompt"])
+            row["intervals"]["routing_minus_baseline"] = {"estimate": estimate, "low": low, "high": high}
+            row["intervals"]["average_minus_baseline"] = paired(row["per_example"], base["per_example"]).to_dict()
+    return results
+
+
+def cell(row: dict, key: str, scale: float, digits: int) -> str:
+    """`estimate [low, high]` of row["intervals"][key] on `scale`, or "-" where none was kept."""
+    i = row.get("intervals", {}).get(key)
+    if i is None:
+        return "-" if key.endswith("baseline") else ""
+    return f"{scale * i['estimate']:+.{digits}f} [{scale * i['low']:+.{digits}f}, {scale * i['high']:+.{digits}f}]" \
+        if key.endswith("baseline") else f"[{scale * i['low']:.{digits}f}, {scale * i['high']:.{digits}f}]"
 
 
 def main(argv: list[str]) -> None:
@@ -81,15 +133,21 @@ def main(argv: list[str]) -> None:
         results[lever] = {"command": "python -m stages.train_gates " + " ".join(settings[:-2]), **scored,
                           "train_s": train.get("time_s"), "train_routing_final": train.get("final", {}).get("routing_accuracy"),
                           "seconds": round(time.perf_counter() - started, 1), "date": date.today().isoformat()}
-        out_path.write_text(json.dumps(results, indent=2) + "\n")
+        out_path.write_text(json.dumps(with_intervals(results), indent=2) + "\n")
         print(f"{lever}: validation routing {100 * scored['routing']:.1f}%, average {scored['average']:.2f}", flush=True)
-    rows = "\n".join(f"| {k} | `{' '.join(v['command'].split()[3:]) or '(defaults)'}` | {100 * v['routing']:.1f} | "
-                     f"{v['average']:.2f} | {v['train_s']} | {v.get('date', '')} |" for k, v in results.items())
+    results = with_intervals(results)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    rows = "\n".join(f"| {k} | `{' '.join(v['command'].split()[3:]) or '(defaults)'}` | {100 * v['routing']:.1f} "
+                     f"{cell(v, 'routing', 100, 1)} | {cell(v, 'routing_minus_baseline', 100, 1)} | {v['average']:.2f} "
+                     f"{cell(v, 'average', 1, 2)} | {cell(v, 'average_minus_baseline', 1, 2)} | {v['train_s']} | "
+                     f"{v.get('date', '')} |" for k, v in results.items())
     (ROOT / "reports" / "eval" / "levers.md").write_text(
         f"**Routing levers** (validation split: train records {args.train}+ of every task, unseen by the gates; "
-        f"{args.steps} steps unless the lever changes them; one run each).\n\n"
-        "| lever | overrides | routing top-1 (%) | Table 1 average | train s | measured |\n|---|---|---:|---:|---:|---:|\n"
-        + rows + "\n")
+        f"{args.steps} steps unless the lever changes them; one run each). Brackets: 95% bootstrap intervals over "
+        f"the validation prompts; the differences are paired with the `{BASELINE}` row (same prompts). Rows without "
+        "intervals were measured before the per-example scores were kept.\n\n"
+        "| lever | overrides | routing top-1 (%) | minus baseline (points) | Table 1 average | minus baseline | "
+        "train s | measured |\n|---|---|---:|---:|---:|---:|---:|---:|\n" + rows + "\n")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,83 @@ def test_fingerprint_changes_with_the_adapters_and_the_data(tmp_path):
     assert key != fingerprint(cfg, tasks[::-1], examples)
     save_peft_adapter(base, tmp_path / "adapters" / "task1", seed=99)  # retrained: same files, other weights
     assert key != fingerprint(cfg, tasks, examples)
+
+
+def bpe_tokenizer():
+    """A byte-level BPE trained on template-shaped prompts: `[INST]` and `[/INST]` split into several
+    tokens, some of which also carry the neighbouring space, as in real tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [f"[INST] question {i} about things [/INST]\nanswer {i}" for i in range(50)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+
+
+def test_template_positions_are_the_marker_tokens_also_after_truncation():
+    from stages.train_gates import template_positions
+    from stages.training import encode
+
+    tokenizer = bpe_tokenizer()
+    prompt = "[INST] Some question about things, with more words than the answer [/INST]\n"
+    for max_length in (128, 12):  # 12: the prompt loses its start, and [INST] with it
+        example = encode(tokenizer, prompt, "the answer", max_length)
+        marked = template_positions(tokenizer, prompt, example)
+        pieces = [tokenizer.decode([t]) for t in example.input_ids]
+        prompt_length = sum(label == IGNORE for label in example.labels)
+        assert "".join(pieces[i] for i in marked).replace(" ", "") == \
+            ("[INST]" if max_length == 128 else "") + "[/INST]\n"
+        others = [p for i, p in enumerate(pieces[:prompt_length]) if i not in marked]
+        assert not any("INST" in p or "[" in p for p in others)
+        assert max(marked) == prompt_length - 1  # the prompt's closing newline
+    with pytest.raises(ValueError, match="not the encoding of its prompt"):
+        template_positions(tokenizer, "[INST] another prompt [/INST]\n", example)
+
+
+@pytest.mark.parametrize("gradient", ["full", "local"])
+def test_unlabelled_positions_are_left_out_of_the_gate_cross_entropy(adapter_dirs, tmp_path, gradient):
+    """With `unlabelled`, the gate loss is one cross-entropy over every gate's logits at the labelled,
+    non-padding tokens only, computed here by hand from the kept routing; the training routing accuracy
+    still counts every token."""
+    examples, task_ids = routing_data()
+    unlabelled = [[0, 1, len(e.input_ids) - 1] for e in examples]
+    trainer = make_trainer(adapter_dirs, tmp_path, steps=1, gradient=gradient)
+    objective = type(trainer.objective)(trainer.model, task_ids, 50.0, gradient, unlabelled=unlabelled)
+    rows = np.array([0, 30, 60, 5])
+    from stages.trainer import collate
+
+    batch = collate([examples[i] for i in rows], PAD)
+    trainer.model.keep_routing(True)
+    _, metrics = objective.loss(batch, rows, {"answer": 1.0, "tokens": 1.0})
+    logits, targets = [], []
+    for routing in trainer.model._routings().values():
+        for j, row in enumerate(rows):
+            keep = [t for t in range(len(examples[row].input_ids)) if t not in unlabelled[row]]
+            logits.append(routing.logits[j, keep].float())
+            targets.append(torch.full((len(keep),), task_ids[row]))
+    expected = torch.nn.functional.cross_entropy(torch.cat(logits), torch.cat(targets))
+    assert metrics["gate_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    everything = trainer.model.routing_accuracy(objective.task_ids[rows], batch["attention_mask"])["overall"]
+    assert metrics["routing_accuracy"] == pytest.approx(everything)
+    with pytest.raises(ValueError, match="unlabelled positions for 2 examples"):
+        type(trainer.objective)(trainer.model, task_ids, 50.0, gradient, unlabelled=unlabelled[:2])
+
+
+def test_gate_initialisations(adapter_dirs):
+    from stages.train_gates import init_gates
+
+    torch.manual_seed(0)
+    model = attach_meteora(tiny_llama(seed=0), adapter_dirs, top_k=2)
+    before = [p.detach().clone() for p in model.gate_parameters()]
+    init_gates(model, "uniform", 0.02)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.gate_parameters()))
+    init_gates(model, "normal", 0.5)
+    weights = torch.cat([p.detach().flatten() for p in model.gate_parameters()])
+    assert abs(weights.std().item() - 0.5) < 0.05 and abs(weights.mean().item()) < 0.05
+    init_gates(model, "zeros", 0.02)
+    assert all(not p.any() for p in model.gate_parameters())
+    with pytest.raises(ValueError, match="gate.init='xavier'"):
+        init_gates(model, "xavier", 0.02)

@@ -44,6 +44,9 @@ class GateConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 0.3
+    label_template: bool = True      # false: the [INST] / [/INST] tokens are left out of the gate labels
+    init: str = "uniform"            # uniform | normal | zeros
+    init_std: float = 0.02
     balance: bool = True
     samples_per_task: int | None = None
     log_every: int = 10

@@ -67,12 +67,14 @@ class GateObjective(Objective):
     (the model or its DDP wrapper). "local": the forward runs without autograd and each gate learns from
     its own cross-entropy on its recorded input (no backward through the model, about half the cost of a
     step; the LM term is logged but gives no gradient); single process only.
+    `unlabelled[i]`: positions of example i left out of the gate cross-entropy (the prompt template's
+    tokens with `gate.label_template=false`); they are still routed, and counted in the routing accuracy.
     """
 
     progress = ("lm_loss", "gate_loss", "routing_accuracy")
 
     def __init__(self, model: MeteoRAModel, task_ids: Sequence[int], lambda_gate: float, gradient: str = "full",
-                 forward_module: nn.Module | None = None) -> None:
+                 forward_module: nn.Module | None = None, unlabelled: Sequence[Sequence[int]] | None = None) -> None:
         if gradient not in ("full", "local"):
             raise ValueError(f"gate.gradient={gradient!r} must be 'full' or 'local'")
         if gradient == "local" and (world_size() > 1 or forward_module not in (None, model)):
@@ -83,6 +85,9 @@ class GateObjective(Objective):
         self.task_ids = torch.tensor(list(task_ids), dtype=torch.long)
         self.lambda_gate = lambda_gate
         self.gradient = gradient
+        if unlabelled is not None and len(unlabelled) != len(self.task_ids):
+            raise ValueError(f"unlabelled positions for {len(unlabelled)} examples, task ids for {len(self.task_ids)}")
+        self.unlabelled = unlabelled
 
     def parameters(self) -> list[nn.Parameter]:
         return self.model.gate_parameters()
@@ -106,11 +111,12 @@ class GateObjective(Objective):
     def loss(self, batch, rows: np.ndarray, shares):
         mask = batch["attention_mask"]
         task_ids = self.task_ids[rows].to(mask.device)
+        labelled = self._labelled(mask, rows)
         if self.gradient == "local":
-            lm, gate = self._local_losses(batch, task_ids)
+            lm, gate = self._local_losses(batch, task_ids, labelled)
         else:
             lm = answer_loss(self.module, batch)
-            gate = self.model.gate_loss(task_ids, mask)
+            gate = self.model.gate_loss(task_ids, labelled)
         with torch.no_grad():
             accuracy = self.model.routing_accuracy(task_ids, mask)
         answer, tokens = shares["answer"], shares["tokens"]
@@ -121,7 +127,16 @@ class GateObjective(Objective):
                    **{f"routing_accuracy_layer_{layer:02d}": acc * tokens for layer, acc in accuracy["per_layer"].items()}}
         return lm * answer + self.lambda_gate * gate * tokens, metrics
 
-    def _local_losses(self, batch, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _labelled(self, mask: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The tokens of the gate cross-entropy: `mask` (B, T) without each row's unlabelled positions."""
+        if self.unlabelled is None:
+            return mask
+        labelled = mask.clone()
+        for j, row in enumerate(rows):
+            labelled[j, list(self.unlabelled[row])] = 0
+        return labelled
+
+    def _local_losses(self, batch, task_ids: torch.Tensor, labelled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM loss without gradient, gate loss with gradients into the gates only) for gradient=local."""
         inputs: dict[str, torch.Tensor] = {}
         hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
@@ -132,4 +147,4 @@ class GateObjective(Objective):
         finally:
             for hook in hooks:
                 hook.remove()
-        return lm, local_gate_loss(self.model, inputs, task_ids, batch["attention_mask"])
+        return lm, local_gate_loss(self.model, inputs, task_ids, labelled)

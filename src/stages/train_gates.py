@@ -1,7 +1,8 @@
 """Stage train_gates: train MeteoRA's gates on the mixture of the tasks' training data.
 
 loss = LM cross-entropy + lambda x gate cross-entropy (every gate of every layer, every non-padding
-token labelled with the task its sample came from). The LM term is on the answer tokens, as the
+token labelled with the task its sample came from; `gate.label_template=false` leaves the prompt
+template's tokens, `[INST]` and `[/INST]`, out of the labels). The LM term is on the answer tokens, as the
 adapters were trained (`stages.training.encode`). Base model and adapters stay frozen. Checkpoints
 every `gate.checkpoint_every` steps and resumes from them; a NaN/inf loss stops the run with an error
 after saving the last good state. Run: `python -m stages.train_gates [gate.steps=50 ...]`.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,14 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from meteora import MeteoRAModel
 from stages.common import load_config, seed_everything, set_threads, stage_run
+from stages.data.examples import INST_CLOSE, INST_OPEN
 from stages.distributed import DistInfo, destroy_distributed, is_main_process, save_gates, wrap_for_training
 from stages.launch import TrainerSettings, setup_distributed, trainer_summary
 from stages.objectives import GateObjective
 from stages.setup import adapter_dir, build_meteora, load_task_split, selected_tasks
-from stages.trainer import CHECKPOINT_FORMAT, Encoded, LoopSettings, Trainer
+from stages.trainer import CHECKPOINT_FORMAT, IGNORE, Encoded, LoopSettings, Trainer
 from stages.training import encode
 
 CHECKPOINT_FILE = "checkpoint.pt"
+TEMPLATE = re.compile(f"{re.escape(INST_OPEN)}|{re.escape(INST_CLOSE)}\n?")  # the template every prompt shares
 
 
 @dataclass
@@ -92,7 +96,7 @@ class GateTrainer(Trainer):
     of `model`: `settings.batch_size` sequences a step drawn by :func:`batch_schedule`, transformers'
     `settings.schedule` with `warmup_ratio` of the steps warming up, the checkpoint at
     `checkpoint_dir/checkpoint.pt`. `forward_module`: the model's DDP wrapper, if any (FSDP shards the
-    model in place)."""
+    model in place). `unlabelled[i]`: positions of example i outside the gate labels (:func:`template_positions`)."""
 
     def __init__(
         self,
@@ -107,8 +111,9 @@ class GateTrainer(Trainer):
         log_fn: Callable[[dict, int], None] | None = None,
         forward_module: torch.nn.Module | None = None,
         gradient_accumulation: int = 1,
+        unlabelled: Sequence[Sequence[int]] | None = None,
     ) -> None:
-        objective = GateObjective(model, task_ids, settings.lambda_gate, settings.gradient, forward_module)
+        objective = GateObjective(model, task_ids, settings.lambda_gate, settings.gradient, forward_module, unlabelled)
         loop = LoopSettings(
             steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm, schedule=settings.schedule,
@@ -125,6 +130,34 @@ class GateTrainer(Trainer):
                  "NaN or huge weights; gate.resume=false trains from scratch.",
         )
         self.model = model
+
+
+def template_positions(tokenizer, prompt: str, example: Encoded) -> list[int]:
+    """Positions in `example` (:func:`stages.training.encode` of `prompt`) of the prompt template's tokens,
+    which every task shares: any token overlapping an `[INST]` or `[/INST]` marker, and the newline that
+    ends the prompt. Positions cut off by the prompt's truncation are dropped."""
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [m.span() for m in TEMPLATE.finditer(prompt)]
+    kept = sum(label == IGNORE for label in example.labels)
+    cut = len(encoded["input_ids"]) - kept
+    if cut < 0 or encoded["input_ids"][cut:] != example.input_ids[:kept]:
+        raise ValueError(f"template_positions: the example is not the encoding of its prompt {prompt[:60]!r}...")
+    marked = [i for i, (start, end) in enumerate(encoded["offset_mapping"])
+              if any(start < high and end > low for low, high in spans)]
+    return [i - cut for i in marked if i >= cut]
+
+
+def init_gates(model: MeteoRAModel, init: str, std: float) -> None:
+    """Re-initialise every gate weight: `uniform` keeps nn.Linear's own (Kaiming-uniform, bound
+    1/sqrt(d_in)), `normal` draws N(0, std^2), `zeros` starts every token at the uniform mixture."""
+    if init not in ("uniform", "normal", "zeros"):
+        raise ValueError(f"gate.init={init!r} must be 'uniform', 'normal' or 'zeros'")
+    with torch.no_grad():
+        for weight in model.gate_parameters():
+            if init == "normal":
+                weight.normal_(0.0, std)
+            elif init == "zeros":
+                weight.zero_()
 
 
 def fingerprint(cfg: DictConfig, tasks: Sequence[str], examples: Sequence[Encoded]) -> str:
@@ -167,9 +200,12 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
     tasks = selected_tasks(cfg)
     model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.meteora.top_k),
                                      temperature=float(cfg.meteora.temperature))
+    init_gates(model, str(cfg.gate.init), float(cfg.gate.init_std))
     forward_module = wrap_for_training(model, engine.engine, engine.mixed_precision, engine.gradient_checkpointing, info.device)
     records = [(i, r) for i, task in enumerate(tasks) for r in load_task_split(cfg, task, "train", cfg.gate.samples_per_task)]
     examples = [encode(tokenizer, r["input"], r["target"], int(cfg.gate.max_length)) for _, r in records]
+    unlabelled = None if cfg.gate.label_template else [
+        template_positions(tokenizer, r["input"], e) for (_, r), e in zip(records, examples)]
     settings = GateSettings.from_config(cfg.gate, int(cfg.seed))
     artifacts = Path(cfg.paths.artifacts)
     run_key = fingerprint(cfg, tasks, examples)
@@ -179,7 +215,7 @@ def train(cfg: DictConfig, engine: TrainerSettings, info: DistInfo) -> None:
             model, examples, [i for i, _ in records], settings, checkpoint_dir(cfg, run_key),
             tokenizer.pad_token_id, balance=bool(cfg.gate.balance), fingerprint=run_key,
             log_fn=lambda metrics, step: run.log_metrics(metrics, step=step),
-            forward_module=forward_module, gradient_accumulation=engine.gradient_accumulation,
+            forward_module=forward_module, gradient_accumulation=engine.gradient_accumulation, unlabelled=unlabelled,
         )
         if cfg.gate.resume:
             trainer.try_resume()
