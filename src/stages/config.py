@@ -39,7 +39,7 @@ class GateConfig:
     steps: int = 200
     batch_size: int = 8
     max_length: int = 128
-    lr: float = 5.0e-2
+    lr: float = 1.0e-1
     schedule: str = "cosine"         # any transformers scheduler name
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
