@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
-from workspace import ROOT, side_workspace
+from workspace import ROOT, side_workspace, trained_meteora
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -48,7 +47,7 @@ def validate(settings: list[str], first: int) -> dict:
     from stages.answers import DecodeSettings, Method, score_tests, table1_row
     from stages.common import load_config, set_threads
     from stages.evaluate import answer_with_routing
-    from stages.setup import build_meteora, decode_dtype, load_task_split, selected_tasks
+    from stages.setup import load_task_split, selected_tasks
 
     cfg = load_config(settings)
     set_threads(cfg)
@@ -56,10 +55,7 @@ def validate(settings: list[str], first: int) -> dict:
     validation = {t: load_task_split(cfg, t, "train")[first:] for t in tasks}
     if any(not v for v in validation.values()):
         raise ValueError(f"no validation records after the first {first} train records of some task")
-    model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.meteora.top_k), temperature=float(cfg.meteora.temperature),
-                                     dtype=decode_dtype(cfg))
-    model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
-    model.eval()
+    model, tokenizer = trained_meteora(cfg, tasks)
     answers, routing = answer_with_routing(model, Method("meteora", model, tokenizer), validation,
                                            DecodeSettings.tests(cfg.eval))
     scores = score_tests(validation, answers)
@@ -68,19 +64,21 @@ def validate(settings: list[str], first: int) -> dict:
             "per_example": {t: s["per_example"] for t, s in scores.items()}, "routing_per_prompt": routing["per_prompt"]}
 
 
-def paired_ratio(a: dict, b: dict, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def paired_ratio(a: dict, b: dict):
     """Routing accuracy A - B over the same prompts (per_prompt {"correct", "count"} of each), with its
-    percentile-bootstrap interval resampling prompts."""
+    percentile-bootstrap interval resampling prompts (:mod:`stages.stats`' resamples, level and seed)."""
     import numpy as np
+
+    from stages.stats import LEVEL, RESAMPLES, SEED, Interval
 
     ca, cb = np.asarray(a["correct"]), np.asarray(b["correct"])
     na, nb = np.asarray(a["count"]), np.asarray(b["count"])
     if ca.shape != cb.shape or not np.array_equal(na, nb):
         raise ValueError("paired routing: the two levers were scored on different validation prompts")
-    idx = np.random.default_rng(seed).integers(0, ca.size, size=(resamples, ca.size))
+    idx = np.random.default_rng(SEED).integers(0, ca.size, size=(RESAMPLES, ca.size))
     diffs = (ca[idx].sum(1) - cb[idx].sum(1)) / na[idx].sum(1)
-    low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
-    return float((ca.sum() - cb.sum()) / na.sum()), float(low), float(high)
+    low, high = np.quantile(diffs, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Interval(float((ca.sum() - cb.sum()) / na.sum()), float(low), float(high))
 
 
 def with_intervals(results: dict) -> dict:
@@ -96,8 +94,7 @@ def with_intervals(results: dict) -> dict:
         row["intervals"] = {"routing": bootstrap_ratio(per_prompt["correct"], per_prompt["count"]).to_dict(),
                             "average": bootstrap(row["per_example"]).to_dict()}
         if name != BASELINE and "per_example" in base:
-            estimate, low, high = paired_ratio(per_prompt, base["routing_per_prompt"])
-            row["intervals"]["routing_minus_baseline"] = {"estimate": estimate, "low": low, "high": high}
+            row["intervals"]["routing_minus_baseline"] = paired_ratio(per_prompt, base["routing_per_prompt"]).to_dict()
             row["intervals"]["average_minus_baseline"] = paired(row["per_example"], base["per_example"]).to_dict()
     return results
 

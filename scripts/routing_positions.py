@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from workspace import ROOT
+from workspace import ROOT, trained_meteora
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def main(argv: list[str]) -> None:
     from stages.common import load_config, set_threads
     from stages.data.examples import INST_CLOSE, INST_OPEN
-    from stages.setup import build_meteora, decode_dtype, load_task_split, selected_tasks
+    from stages.setup import decode_dtype, load_task_split, selected_tasks
 
     parser = argparse.ArgumentParser(prog="scripts/routing_positions.py")
     parser.add_argument("--per-task", type=int, default=24)
@@ -33,10 +32,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(overrides)
     set_threads(cfg)
     tasks = selected_tasks(cfg)
-    model, tokenizer = build_meteora(cfg, tasks, top_k=int(cfg.meteora.top_k), temperature=float(cfg.meteora.temperature),
-                                     dtype=decode_dtype(cfg))
-    model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
-    model.eval()
+    model, tokenizer = trained_meteora(cfg, tasks)
     model.keep_routing(True)
     names = list(model.meteora_layers())
     layer0 = [i for i, n in enumerate(names) if ".layers.0." in n]

@@ -23,3 +23,14 @@ def side_workspace(kind: str, name: str, linked: Sequence[str]) -> tuple[Path, P
         if not link.exists():
             link.symlink_to(ROOT / "artifacts" / item, target_is_directory=True)
     return artifacts, reports
+
+
+def trained_meteora(cfg, tasks: Sequence[str]):
+    """(MeteoRA model in eval mode, tokenizer): the pipeline's base model in the decoding dtype with
+    `tasks`' adapters and the gates of `paths.artifacts`/gates, as the evaluate stage loads them."""
+    from stages.setup import build_meteora, decode_dtype
+
+    model, tokenizer = build_meteora(cfg, list(tasks), top_k=int(cfg.meteora.top_k),
+                                     temperature=float(cfg.meteora.temperature), dtype=decode_dtype(cfg))
+    model.load_gates(Path(cfg.paths.artifacts) / "gates", use_manifest_settings=False, cast=True)
+    return model.eval(), tokenizer
