@@ -179,6 +179,65 @@ def test_fused_mix_reads_column_blocks_of_one_stacked_product(mode, top_k, dtype
                         (out.float().sub(base.float()).to(dtype), logits, indices, weights))
 
 
+def stacked_layer(num_tokens, d_in, d_out, num_adapters, rank, top_k, dtype, mode="topk", seed=0):
+    """A MeteoRALinear on DEVICE (stacked weights, a bias) and an input for it."""
+    from meteora import MeteoRALinear
+
+    x, gate, lora_a, lora_b, scaling = make_inputs(num_tokens, d_in, d_out, num_adapters, rank, dtype, seed=seed)
+    base = torch.nn.Linear(d_in, d_out).to(DEVICE, dtype)
+    layer = MeteoRALinear(base, lora_a, lora_b, scaling, top_k=top_k, mode=mode, temperature=1.5)
+    with torch.no_grad():
+        layer.gate.weight.copy_(gate)
+    assert layer._stack_is_live()
+    return layer, x
+
+
+@pytest.mark.parametrize("mode,top_k,dtype", [("topk", 2, torch.float32), ("soft", 1, torch.float32),
+                                              ("topk_unnormalized", 3, torch.bfloat16)])
+def test_stacked_mix_matches_the_routed_path(mode, top_k, dtype, regime):
+    """MeteoRALinear's eager inference path (StackedMix: the kernels read the stacked product at column
+    offsets and write no routing) gives the output of the path that keeps the routing, bit for bit, on
+    the first call (through Triton) and on later ones (direct launches on a GPU), and matches float64."""
+    layer, x = stacked_layer(11, 64, 40, 5, 4, top_k, dtype, mode, seed=16)
+    y = torch.nn.functional.linear(x, layer._stack, layer._stack_bias)
+    d_out, nr = 40, 5 * 4
+    _, logits, indices, _ = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b,
+                                                  layer.scaling, y[:, :d_out], top_k, 1.5, mode)
+    reference = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b, layer.scaling,
+                                y[:, :d_out], top_k, 1.5, mode)[0]
+    for _ in range(2):
+        out = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, top_k, 1.5, mode)
+        assert out.shape == (11, d_out) and out.dtype == dtype and torch.equal(out, reference)
+    ref_indices, ref_w = ref_route(logits.double(), top_k, 1.5, mode)
+    assert torch.equal(indices, ref_indices)
+    base64 = x.double() @ layer.base.weight.double().T + layer.base.bias.double()
+    expected = base64 + ref_mixture(x, ref_indices, ref_w, layer.lora_a, layer.lora_b, layer.scaling)
+    assert rel_err(out, expected) < TOL[dtype]
+    if DEVICE == "cuda":  # the layer itself takes this path, and the plan is kept
+        with torch.no_grad():
+            assert layer._fast_inference(x) and torch.equal(layer(x), reference)
+        assert len(layer._stacked_mix._plans) == 1
+        layer.keep_routing = True
+        assert not layer._fast_inference(x)
+    else:
+        assert not layer._fast_inference(x)
+
+
+def test_stacked_mix_plans_are_dropped_by_copies_and_moves():
+    """Plans hold compiled kernels of one device: a deep copy or a pickle starts without them, and .to()
+    clears them."""
+    import copy
+    import pickle
+
+    layer, _ = stacked_layer(3, 32, 16, 3, 4, 2, torch.float32, seed=17)
+    layer._stacked_mix._plans[(3, 2, "topk", torch.float32)] = lambda *args: None  # as a first launch leaves it
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert other._stacked_mix._plans == {} and other._stack_is_live()
+    assert len(layer._stacked_mix._plans) == 1
+    layer.to(torch.float64)
+    assert layer._stacked_mix._plans == {}
+
+
 def test_fused_ties_go_to_the_lower_index(regime):
     x, gate, lora_a, lora_b, scaling = make_inputs(8, 64, 32, 6, 4, torch.bfloat16, seed=4)
     gate[2] *= 4

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels._common import SUPPORTED_DTYPES
 from .kernels.dense import accumulation_dtype
+from .kernels.fused import StackedMix
 from .kernels.op import moe_lora_mix_op, moe_lora_op
 from .ops import STRATEGIES, auto_strategy, check_shapes, lora_delta, mix_adapters, moe_lora
 from .routing import Routing, check_routing_args, forced_routing
@@ -83,6 +85,7 @@ class MeteoRALinear(nn.Module):
         self.last_routing: Routing | None = None
         self._stack: torch.Tensor | None = None  # [W; A_flat; W_g; 0], see restack (not a buffer: not saved twice)
         self._stack_bias: torch.Tensor | None = None
+        self._stacked_mix = StackedMix(base.out_features, num_adapters, rank)
         self.stack_weights = stack_weights
         self.restack()
 
@@ -131,6 +134,7 @@ class MeteoRALinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._stacked_mix.clear()  # its plans hold kernels compiled for the old device and dtype
         self.restack()
         return self
 
@@ -147,7 +151,26 @@ class MeteoRALinear(nn.Module):
         """The adapters' B as (N, d_out, r): a view of the stored (N, r, d_out) rows (no copy)."""
         return self.lora_b_rows.permute(0, 2, 1)
 
+    def _fast_inference(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the eager CUDA inference path: stacked weights, no gradients, no tracing, the
+        routing not kept, a dtype of the kernels, and the fused strategy (itself or what "auto" picks)."""
+        if (not x.is_cuda or self.forced_adapter is not None or self.keep_routing or x.dtype not in SUPPORTED_DTYPES
+                or self._stack is None or x.dtype != self._stack.dtype or torch.compiler.is_compiling()):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad
+                                        or self.lora_b_rows.requires_grad):
+            return False
+        strategy = self.strategy
+        if strategy == "auto":
+            strategy = auto_strategy("cuda", x.dtype, False, x.numel() // x.shape[-1])
+        return strategy == "fused" and x.numel() > 0 and self._stack_is_live()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_inference(x):  # one GEMM, then one launch (StackedMix)
+            y = F.linear(x.reshape(-1, x.shape[-1]), self._stack, self._stack_bias)
+            out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
+            self.last_routing = None
+            return out.view(*x.shape[:-1], out.shape[-1])
         i = self.forced_adapter
         if i is not None and self.forced_single:
             return self.base(x) + lora_delta(x, self.lora_a[i], self.lora_b[i], self.scaling[i].to(x.dtype))

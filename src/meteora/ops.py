@@ -21,6 +21,7 @@ number of tokens, zero included):
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -61,9 +62,10 @@ AUTO_TABLE: tuple[AutoRule, ...] = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def auto_strategy(device: str, dtype: torch.dtype, grad: bool, num_tokens: int, table: tuple[AutoRule, ...] = AUTO_TABLE) -> str:
     """The strategy of the first row of ``table`` matching a device type, dtype, whether gradients are
-    recorded and a token count."""
+    recorded and a token count (cached: the layers ask on every call)."""
     for rule in table:
         if ((rule.device is None or rule.device == device) and (rule.dtypes is None or dtype in rule.dtypes)
                 and (rule.grad is None or rule.grad == grad) and rule.min_tokens <= num_tokens

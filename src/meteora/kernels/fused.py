@@ -59,10 +59,31 @@ def _jit(int_args: list[str], ptr_args: list[str]):
         return triton.jit(do_not_specialize=int_args)
 
 
-def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, args: tuple, constexprs: dict) -> None:
-    """Launch a kernel (a JITFunction, or an Autotuner over one) with runtime ``args`` and ``constexprs``.
+def _first_launch(kernel, grid: Callable[[dict], tuple], args: tuple, constexprs: dict) -> tuple | None:
+    """Launch a kernel (a JITFunction, or an Autotuner over one) through Triton (autotuning, compiling).
 
-    The first launch per ``key`` goes through Triton (autotuning, compiling); later ones call the compiled
+    Returns (compiled kernel, its constexpr arguments in order, meta) for direct launches of the same
+    configuration, or None where there is nothing to reuse (the interpreter, or no compiled kernel came
+    back): the next launch then goes through Triton again, so a failed first launch never poisons later ones.
+    """
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    jit = kernel.fn if tuned else kernel
+    if tuned:
+        kernel[grid](*args, **constexprs)
+        meta = {**constexprs, **kernel.best_config.all_kwargs()}
+        compiled = None if INTERPRET else jit.warmup(*args, grid=grid, **meta)
+    else:
+        meta = constexprs
+        compiled = kernel[grid](*args, **meta)
+    if INTERPRET or compiled is None:
+        return None
+    return compiled, tuple(meta[p.name] for p in jit.params if p.is_constexpr), meta
+
+
+def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, args: tuple, constexprs: dict) -> None:
+    """Launch a kernel with runtime ``args`` and ``constexprs``.
+
+    The first launch per ``key`` goes through Triton (:func:`_first_launch`); later ones call the compiled
     kernel directly, skipping Triton's per-launch argument binding and cache lookup (tens of microseconds
     a launch, the larger part of a decode step's mixture). ``key`` must name everything that selects the
     compiled kernel: dtypes of the tensor arguments and every constexpr; the current device is added here.
@@ -74,19 +95,9 @@ def _launch(kernel, grid: Callable[[dict], tuple], key: tuple, args: tuple, cons
         dims = tuple(grid(meta)) + (1, 1)
         compiled[dims[:3]](*args, *tail)
         return
-    tuned = isinstance(kernel, triton.runtime.Autotuner)
-    jit = kernel.fn if tuned else kernel
-    if tuned:
-        kernel[grid](*args, **constexprs)
-        meta = {**constexprs, **kernel.best_config.all_kwargs()}
-        compiled = None if INTERPRET else jit.warmup(*args, grid=grid, **meta)
-    else:
-        meta = constexprs
-        compiled = kernel[grid](*args, **meta)
-    if INTERPRET or compiled is None:
-        return  # nothing usable to cache: the next call goes through Triton again
-    tail = tuple(meta[p.name] for p in jit.params if p.is_constexpr)
-    _COMPILED[key] = (compiled, tail, meta)
+    entry = _first_launch(kernel, grid, args, constexprs)
+    if entry is not None:
+        _COMPILED[key] = entry
 
 
 @triton.jit
@@ -190,7 +201,8 @@ def _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits
 
 
 _EXPAND_PTRS = ["gl_ptr", "h_ptr", "b_ptr", "scale_ptr", "base_ptr", "out_ptr", "logits_ptr", "idx_ptr", "w_ptr"]
-_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_gl_t", "stride_h_t", "stride_base_t"]
+_EXPAND_INTS = ["T", "N", "R", "NR", "DOUT", "T_BUCKET", "stride_gl_t", "stride_h_t", "stride_base_t", "col_gl", "col_h",
+                "col_base"]
 _EXPAND_CONFIGS = [
     triton.Config({"BM": 16, "BN": 128, "BK": 32}, num_warps=4, num_stages=2),
     triton.Config({"BM": 16, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
@@ -208,15 +220,19 @@ _EXPAND_CONFIGS = [
 @_jit(_EXPAND_INTS, _EXPAND_PTRS)
 def _route_expand_kernel(
     gl_ptr, h_ptr, b_ptr, scale_ptr, base_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
-    T, N, R, NR, DOUT, T_BUCKET, stride_gl_t, stride_h_t, stride_base_t, inv_temp,
+    T, N, R, NR, DOUT, T_BUCKET, stride_gl_t, stride_h_t, stride_base_t, col_gl, col_h, col_base, inv_temp,
     MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr,
-    HAS_BASE: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BASE: tl.constexpr, STORE_ROUTING: tl.constexpr, DTYPE: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Route a block of tokens and write (base +) sum_e w_te s_e B_e h_te for a block of output columns.
-    gl (T, N) and h (T, N r) in x's dtype with row strides stride_gl_t and stride_h_t (views into one
-    stacked product, or contiguous); B_flat (N r, DOUT) and out (T, DOUT) contiguous; base (T, DOUT) with
-    row stride stride_base_t."""
+    gl (T, N), h (T, N r) and base (T, DOUT) in x's dtype, starting at columns col_gl, col_h and col_base of
+    rows with strides stride_gl_t, stride_h_t and stride_base_t (column blocks of one stacked product, or
+    contiguous tensors); B_flat (N r, DOUT) and out (T, DOUT) contiguous. The routing (logits, indices,
+    weights) is written only if STORE_ROUTING."""
+    gl_ptr += col_gl
+    h_ptr += col_h
+    base_ptr += col_base
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -225,7 +241,7 @@ def _route_expand_kernel(
     kcols = tl.arange(0, KP)
     logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
     coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
-    if pid_n == 0:
+    if STORE_ROUTING and pid_n == 0:
         _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
 
     ncols = pid_n * BN + tl.arange(0, BN)
@@ -246,23 +262,27 @@ def _route_expand_kernel(
     tl.store(out_ptr + rows[:, None] * DOUT + ncols[None, :], acc.to(DTYPE), mask=omask)
 
 
-@_jit(["T", "N", "R", "NR", "stride_gl_t", "stride_h_t"],
+@_jit(["T", "N", "R", "NR", "stride_gl_t", "stride_h_t", "col_gl", "col_h"],
       ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
 def _route_mix_kernel(
     gl_ptr, h_ptr, scale_ptr, mix_ptr, logits_ptr, idx_ptr, w_ptr,
-    T, N, R, NR, stride_gl_t, stride_h_t, inv_temp,
-    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, DTYPE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr,
+    T, N, R, NR, stride_gl_t, stride_h_t, col_gl, col_h, inv_temp,
+    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, STORE_ROUTING: tl.constexpr,
+    DTYPE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     """Route a block of tokens and write mix[t, e r + q] = w_te s_e h_te[q] (0 for adapters not chosen);
-    gl and h with row strides stride_gl_t and stride_h_t, mix contiguous."""
+    gl and h from columns col_gl and col_h of rows with strides stride_gl_t and stride_h_t, mix contiguous;
+    the routing written only if STORE_ROUTING."""
+    gl_ptr += col_gl
+    h_ptr += col_h
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < T
     gcols = tl.arange(0, NP)
     kcols = tl.arange(0, KP)
     logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
     coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
-    _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+    if STORE_ROUTING:
+        _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
     for c0 in range(0, NR, BK):
         cols = c0 + tl.arange(0, BK)
         cmask = cols < NR
@@ -335,11 +355,11 @@ def _routing_constexprs(num_adapters: int, top_k: int, mode: str) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _expand_plan(num_tokens: int, num_adapters: int, rank: int, d_out: int, dtype: torch.dtype, top_k: int,
-                 mode: str, has_base: bool) -> tuple[dict, tuple, Callable, int]:
+                 mode: str, has_base: bool, store_routing: bool = True) -> tuple[dict, tuple, Callable, int]:
     """Everything about a few-token launch that depends only on shapes and settings, computed once."""
     bucket = token_bucket(num_tokens)
     constexprs = {**_routing_constexprs(num_adapters, top_k, mode), "HAS_BASE": has_base,
-                  "DTYPE": tl_dtype(dtype), "IEEE": use_ieee_dot(dtype)}
+                  "STORE_ROUTING": store_routing, "DTYPE": tl_dtype(dtype), "IEEE": use_ieee_dot(dtype)}
     key = ("expand", dtype, bucket, d_out, num_adapters * rank, *constexprs.values())
     grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]), triton.cdiv(d_out, meta["BN"]))
     return constexprs, key, grid, bucket
@@ -389,20 +409,92 @@ def fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperatur
             _route_expand_kernel, grid, key,
             (gate_logits, hidden, b_flat, scaling, out if base is None else base, out, logits, indices, weights,
              num_tokens, num_adapters, rank, nr, d_out, bucket, *strides, d_out if base is None else base.stride(0),
-             1.0 / temperature),
+             0, 0, 0, 1.0 / temperature),
             constexprs,
         )
         return out, logits, indices, weights
     mix = torch.empty(num_tokens, nr, device=device, dtype=dtype)
-    constexprs, key, grid = _row_plan("mix", num_tokens, num_adapters, rank, dtype, top_k, mode, BK=64)
+    constexprs, key, grid = _row_plan("mix", num_tokens, num_adapters, rank, dtype, top_k, mode, STORE_ROUTING=True, BK=64)
     _launch(
         _route_mix_kernel, grid, key,
         (gate_logits, hidden, scaling, mix, logits, indices, weights, num_tokens, num_adapters, rank, nr, *strides,
-         1.0 / temperature),
+         0, 0, 1.0 / temperature),
         constexprs,
     )
     out = mix @ b_flat if base is None else torch.addmm(base, mix, b_flat)
     return out, logits, indices, weights
+
+
+class StackedMix:
+    """The mixture of :class:`meteora.MeteoRALinear`'s one stacked product, for eager inference on CUDA,
+    with the routing not kept: per call, the output's allocation and one launch (many tokens: the mix
+    buffer, one launch and cuBLAS's addmm into the base block), nothing else. The kernels read the gate
+    logits, h and the base output in place as column offsets of the product, and skip writing the routing;
+    everything else about a launch (constexprs, grid, the compiled kernel) is planned once per token count,
+    routing setting and dtype.
+
+    y (T, S) contiguous: x [W; A_flat; W_g; 0]^T, columns [0, d_out) the base output, [d_out, d_out + N r)
+    h, then the N gate logits; lora_b_rows (N, r, d_out) contiguous (B_flat); scaling (N,) float32.
+    Returns out (T, d_out) = base + delta in y's dtype. Plans hold compiled kernels of one device:
+    :meth:`clear` them when the weights move.
+    """
+
+    def __init__(self, d_out: int, num_adapters: int, rank: int) -> None:
+        self.d_out, self.num_adapters, self.rank = d_out, num_adapters, rank
+        self._plans: dict[tuple, Callable] = {}
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __getstate__(self) -> dict:  # compiled kernels are neither copied nor pickled
+        return {**self.__dict__, "_plans": {}}
+
+    def __call__(self, y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch.Tensor, top_k: int,
+                 temperature: float, mode: str) -> torch.Tensor:
+        plan = self._plans.get((y.shape[0], top_k, mode, y.dtype))
+        if plan is not None:
+            return plan(y, lora_b_rows, scaling, 1.0 / temperature)
+        return self._first_call(y, lora_b_rows, scaling, top_k, temperature, mode)
+
+    def _first_call(self, y, lora_b_rows, scaling, top_k: int, temperature: float, mode: str) -> torch.Tensor:
+        """Launch through Triton and keep a plan of direct launches for later calls of this shape."""
+        num_tokens, stride = y.shape[0], y.stride(0)
+        d_out, num_adapters, rank = self.d_out, self.num_adapters, self.rank
+        nr = num_adapters * rank
+        col_h, col_gl = d_out, d_out + nr
+        if num_tokens < LARGE_TOKENS:
+            constexprs, _, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, y.dtype, top_k, mode, True, False)
+            out = y.new_empty((num_tokens, d_out))
+            ints = (num_tokens, num_adapters, rank, nr, d_out, bucket, stride, stride, stride, col_gl, col_h, 0)
+            entry = _first_launch(_route_expand_kernel, grid,
+                                  (y, y, lora_b_rows, scaling, y, out, out, out, out, *ints, 1.0 / temperature), constexprs)
+            if entry is not None:
+                compiled, tail, meta = entry
+                run = compiled[(tuple(grid(meta)) + (1, 1))[:3]]
+
+                def expand(y, lora_b_rows, scaling, inv_temp):
+                    out = y.new_empty((num_tokens, d_out))
+                    run(y, y, lora_b_rows, scaling, y, out, out, out, out, *ints, inv_temp, *tail)
+                    return out
+
+                self._plans[(num_tokens, top_k, mode, y.dtype)] = expand
+            return out
+        constexprs, _, grid = _row_plan("mix", num_tokens, num_adapters, rank, y.dtype, top_k, mode, STORE_ROUTING=False, BK=64)
+        mix = y.new_empty((num_tokens, nr))
+        ints = (num_tokens, num_adapters, rank, nr, stride, stride, col_gl, col_h)
+        entry = _first_launch(_route_mix_kernel, grid, (y, y, scaling, mix, mix, mix, mix, *ints, 1.0 / temperature),
+                              constexprs)
+        if entry is not None:
+            compiled, tail, meta = entry
+            run = compiled[(tuple(grid(meta)) + (1, 1))[:3]]
+
+            def many(y, lora_b_rows, scaling, inv_temp):
+                mix = y.new_empty((num_tokens, nr))
+                run(y, y, scaling, mix, mix, mix, mix, *ints, inv_temp, *tail)
+                return torch.addmm(y[:, :d_out], mix, lora_b_rows.view(nr, d_out))
+
+            self._plans[(num_tokens, top_k, mode, y.dtype)] = many
+        return torch.addmm(y[:, :d_out], mix, lora_b_rows.view(nr, d_out))
 
 
 def fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, top_k: int,
