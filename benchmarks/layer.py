@@ -3,7 +3,8 @@
 Strategies: ``base`` (the base linears alone), ``single`` (base + one LoRA in plain torch), ``peft``
 (PEFT's LoRA layers, one adapter), ``meteora`` (:class:`meteora.MeteoRALinear` layers from
 :func:`meteora.attach_meteora`, strategy ``auto``; ``meteora_unstacked``: the same with ``stack_weights=False``,
-three products per projection instead of one), any :func:`meteora.moe_lora` strategy (base + the
+three products per projection instead of one; ``meteora_routed``: stacked, with the routing kept on every call,
+as gate training and routing traces run it, which leaves the eager inference path), any :func:`meteora.moe_lora` strategy (base + the
 mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
 output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
 ``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
@@ -26,6 +27,8 @@ from meteora.ops import STRATEGIES as MOE_STRATEGIES
 
 from .config import DTYPES, BenchConfig, Shapes
 from .timing import error_text, peak_extra_mb, ratio, time_graph_ms, time_ms
+
+METEORA_STRATEGIES = ("meteora", "meteora_unstacked", "meteora_routed")  # MeteoRALinear layers, see the module docstring
 
 # Strategies that synchronise with the host by design (the loop's nonzero): never captured in a CUDA graph.
 NOT_CAPTURABLE = ("loop", "reference")
@@ -161,9 +164,9 @@ def runner(
             built["peft"] = peft_block(projections, cfg)
         block = built["peft"]
         return lambda i, x: (getattr(block, projections[i].name)(x), None)
-    if strategy in ("meteora", "meteora_unstacked"):
+    if strategy in METEORA_STRATEGIES:
         if strategy not in built:
-            built[strategy] = meteora_layers(projections, cfg, stack_weights=strategy == "meteora")
+            built[strategy] = meteora_layers(projections, cfg, stack_weights=strategy != "meteora_unstacked")
         layers = built[strategy]
         with torch.no_grad():
             for layer, gate in zip(layers, gates):
@@ -242,7 +245,7 @@ def measure_strategy(
     scale = cfg.alpha / cfg.rank
     try:
         run = runner(strategy, projections, gates, cfg, built)
-        keep = built.get(strategy, []) if strategy in ("meteora", "meteora_unstacked") else []
+        keep = built.get(strategy, []) if strategy in METEORA_STRATEGIES else []
         with torch.no_grad():
             for layer in keep:
                 layer.keep_routing = True
@@ -261,7 +264,7 @@ def measure_strategy(
                 if peak is not None:
                     values["peak_extra_mb"] = max(peak, values["peak_extra_mb"] or 0.0)
             for layer in keep:
-                layer.keep_routing = False
+                layer.keep_routing = strategy == "meteora_routed"
 
             def layer_call() -> None:
                 for i, p in enumerate(projections):
