@@ -3,9 +3,9 @@
 Strategies: ``base`` (the base linears alone), ``single`` (base + one LoRA in plain torch), ``peft``
 (PEFT's LoRA layers, one adapter), ``meteora`` (:class:`meteora.MeteoRALinear` layers from
 :func:`meteora.attach_meteora`, strategy ``auto``; ``meteora_unstacked``: the same with ``stack_weights=False``,
-three products per projection instead of one; ``meteora_routed``: stacked, with the routing kept on every call,
-as gate training and routing traces run it, which leaves the eager inference path), any :func:`meteora.moe_lora` strategy (base + the
-mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
+three products per projection instead of one; ``meteora_routed``: stacked, with the routing kept on every
+call as gate training and routing traces run it, so off the eager inference path), any :func:`meteora.moe_lora`
+strategy (base + the mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
 output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
 ``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
 the same inputs with the strategy's own routing.

@@ -201,10 +201,8 @@ def test_stacked_mix_matches_the_routed_path(mode, top_k, dtype, regime):
     layer, x = stacked_layer(11, 64, 40, 5, 4, top_k, dtype, mode, seed=16)
     y = torch.nn.functional.linear(x, layer._stack, layer._stack_bias)
     d_out, nr = 40, 5 * 4
-    _, logits, indices, _ = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b,
-                                                  layer.scaling, y[:, :d_out], top_k, 1.5, mode)
-    reference = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b, layer.scaling,
-                                y[:, :d_out], top_k, 1.5, mode)[0]
+    reference, logits, indices, _ = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b,
+                                                    layer.scaling, y[:, :d_out], top_k, 1.5, mode)
     for _ in range(2):
         out = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, top_k, 1.5, mode)
         assert out.shape == (11, d_out) and out.dtype == dtype and torch.equal(out, reference)
@@ -221,6 +219,40 @@ def test_stacked_mix_matches_the_routed_path(mode, top_k, dtype, regime):
         assert not layer._fast_inference(x)
     else:
         assert not layer._fast_inference(x)
+
+
+def test_stacked_mix_keeps_a_plan_of_direct_launches(monkeypatch, regime):
+    """After a first launch that yields a compiled kernel, later calls of that shape go through the kept
+    plan (the compiled kernel's launch with its constexprs appended), with the first call's output. The
+    compiled kernel is stood in for by the interpreter, as on CPU no compiled kernel comes back."""
+    layer, x = stacked_layer(7, 48, 24, 4, 4, 2, torch.float32, seed=18)
+    y = torch.nn.functional.linear(x, layer._stack, layer._stack_bias)
+    real_first_launch, direct = fused._first_launch, []
+
+    def first_launch(kernel, grid, args, constexprs):
+        real_first_launch(kernel, grid, args, constexprs)
+        tuned = isinstance(kernel, fused.triton.runtime.Autotuner)
+        meta = {**constexprs, **kernel.best_config.all_kwargs()} if tuned else constexprs
+        tail = ("constexprs",)
+
+        class Compiled:
+            def __getitem__(self, dims):
+                assert dims == (tuple(grid(meta)) + (1, 1))[:3]
+
+                def run(*launch_args):
+                    assert launch_args[-1:] == tail
+                    direct.append(dims)
+                    (kernel.fn if tuned else kernel)[grid](*launch_args[:-1], **meta)
+
+                return run
+
+        return Compiled(), tail, meta
+
+    monkeypatch.setattr(fused, "_first_launch", first_launch)
+    first = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")
+    assert direct == [] and len(layer._stacked_mix._plans) == 1
+    again = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")
+    assert len(direct) == 1 and torch.equal(again, first)
 
 
 def test_stacked_mix_plans_are_dropped_by_copies_and_moves():

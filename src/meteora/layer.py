@@ -151,14 +151,18 @@ class MeteoRALinear(nn.Module):
         """The adapters' B as (N, d_out, r): a view of the stored (N, r, d_out) rows (no copy)."""
         return self.lora_b_rows.permute(0, 2, 1)
 
+    def _records_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd records this call (x, the gate or the adapters require gradients)."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad
+                                            or self.lora_b_rows.requires_grad)
+
     def _fast_inference(self, x: torch.Tensor) -> bool:
         """Whether this call takes the eager CUDA inference path: stacked weights, no gradients, no tracing, the
         routing not kept, a dtype of the kernels, and the fused strategy (itself or what "auto" picks)."""
         if (not x.is_cuda or self.forced_adapter is not None or self.keep_routing or x.dtype not in SUPPORTED_DTYPES
                 or self._stack is None or x.dtype != self._stack.dtype or torch.compiler.is_compiling()):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad
-                                        or self.lora_b_rows.requires_grad):
+        if self._records_grad(x):
             return False
         strategy = self.strategy
         if strategy == "auto":
@@ -182,8 +186,7 @@ class MeteoRALinear(nn.Module):
         leading, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         strategy = self.strategy
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.gate.weight.requires_grad or self.lora_a.requires_grad
-                                            or self.lora_b_rows.requires_grad)
+        grad = self._records_grad(x)
         if strategy == "auto":
             strategy = auto_strategy(x.device.type, x.dtype, grad, x2.shape[0])
         live = self._stack is not None if torch.compiler.is_compiling() else self._stack_is_live()

@@ -457,44 +457,40 @@ class StackedMix:
         return self._first_call(y, lora_b_rows, scaling, top_k, temperature, mode)
 
     def _first_call(self, y, lora_b_rows, scaling, top_k: int, temperature: float, mode: str) -> torch.Tensor:
-        """Launch through Triton and keep a plan of direct launches for later calls of this shape."""
+        """Launch through Triton and keep a plan of direct launches for later calls of this shape: the plan is
+        the same ``mix`` with the compiled kernel as its launch."""
         num_tokens, stride = y.shape[0], y.stride(0)
         d_out, num_adapters, rank = self.d_out, self.num_adapters, self.rank
         nr = num_adapters * rank
         col_h, col_gl = d_out, d_out + nr
         if num_tokens < LARGE_TOKENS:
+            kernel = _route_expand_kernel
             constexprs, _, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, y.dtype, top_k, mode, True, False)
-            out = y.new_empty((num_tokens, d_out))
             ints = (num_tokens, num_adapters, rank, nr, d_out, bucket, stride, stride, stride, col_gl, col_h, 0)
-            entry = _first_launch(_route_expand_kernel, grid,
-                                  (y, y, lora_b_rows, scaling, y, out, out, out, out, *ints, 1.0 / temperature), constexprs)
-            if entry is not None:
-                compiled, tail, meta = entry
-                run = compiled[(tuple(grid(meta)) + (1, 1))[:3]]
 
-                def expand(y, lora_b_rows, scaling, inv_temp):
-                    out = y.new_empty((num_tokens, d_out))
-                    run(y, y, lora_b_rows, scaling, y, out, out, out, out, *ints, inv_temp, *tail)
-                    return out
+            def mix(launch, y, lora_b_rows, scaling, inv_temp):
+                out = y.new_empty((num_tokens, d_out))
+                launch(y, y, lora_b_rows, scaling, y, out, out, out, out, *ints, inv_temp)
+                return out
+        else:
+            kernel = _route_mix_kernel
+            constexprs, _, grid = _row_plan("mix", num_tokens, num_adapters, rank, y.dtype, top_k, mode, STORE_ROUTING=False,
+                                            BK=64)
+            ints = (num_tokens, num_adapters, rank, nr, stride, stride, col_gl, col_h)
 
-                self._plans[(num_tokens, top_k, mode, y.dtype)] = expand
-            return out
-        constexprs, _, grid = _row_plan("mix", num_tokens, num_adapters, rank, y.dtype, top_k, mode, STORE_ROUTING=False, BK=64)
-        mix = y.new_empty((num_tokens, nr))
-        ints = (num_tokens, num_adapters, rank, nr, stride, stride, col_gl, col_h)
-        entry = _first_launch(_route_mix_kernel, grid, (y, y, scaling, mix, mix, mix, mix, *ints, 1.0 / temperature),
-                              constexprs)
-        if entry is not None:
-            compiled, tail, meta = entry
+            def mix(launch, y, lora_b_rows, scaling, inv_temp):
+                buf = y.new_empty((num_tokens, nr))
+                launch(y, y, scaling, buf, buf, buf, buf, *ints, inv_temp)
+                return torch.addmm(y[:, :d_out], buf, lora_b_rows.view(nr, d_out))
+
+        entries = []
+        out = mix(lambda *args: entries.append(_first_launch(kernel, grid, args, constexprs)), y, lora_b_rows, scaling,
+                  1.0 / temperature)
+        if entries[0] is not None:
+            compiled, tail, meta = entries[0]
             run = compiled[(tuple(grid(meta)) + (1, 1))[:3]]
-
-            def many(y, lora_b_rows, scaling, inv_temp):
-                mix = y.new_empty((num_tokens, nr))
-                run(y, y, scaling, mix, mix, mix, mix, *ints, inv_temp, *tail)
-                return torch.addmm(y[:, :d_out], mix, lora_b_rows.view(nr, d_out))
-
-            self._plans[(num_tokens, top_k, mode, y.dtype)] = many
-        return torch.addmm(y[:, :d_out], mix, lora_b_rows.view(nr, d_out))
+            self._plans[(num_tokens, top_k, mode, y.dtype)] = functools.partial(mix, lambda *args: run(*args, *tail))
+        return out
 
 
 def fused_mix_backward(grad_out, grad_logits, grad_weights, hidden, lora_b, scaling, logits, indices, top_k: int,
