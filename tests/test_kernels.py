@@ -255,6 +255,36 @@ def test_stacked_mix_keeps_a_plan_of_direct_launches(monkeypatch, regime):
     assert len(direct) == 1 and torch.equal(again, first)
 
 
+@pytest.mark.parametrize("mode,top_k,dtype", [("topk", 2, torch.float32), ("soft", 1, torch.float64),
+                                              ("topk_unnormalized", 3, torch.bfloat16), ("topk", 1, torch.float64)])
+def test_dense_stacked_mix_is_the_routed_path_bit_for_bit(mode, top_k, dtype, monkeypatch):
+    """Eager inference off the kernels (CPU, float64 anywhere) reads the one stacked product with
+    dense.dense_stacked_mix: the output of the path that keeps the routing (the operator's dense form), the
+    same bits, and the float64 reference within rounding."""
+    if DEVICE == "cuda" and dtype != torch.float64:
+        pytest.skip("on a GPU these dtypes take StackedMix (tested above)")
+    layer, x = stacked_layer(13, 48, 24, 6, 4, top_k, dtype, mode, seed=21)
+    calls = []
+    real = dense.dense_stacked_mix
+    monkeypatch.setattr("meteora.layer.dense_stacked_mix", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        out = layer(x.view(1, 13, 48))
+        assert calls and layer.last_routing is None
+        layer.keep_routing = True
+        routed = layer(x.view(1, 13, 48))
+        assert len(calls) == 1 and layer.last_routing is not None
+    assert torch.equal(out, routed)
+    r = layer.last_routing
+    x64, b64 = x.double(), layer.lora_b.double()
+    coef = dense.routing_coef(r.indices.reshape(13, -1), r.weights.reshape(13, -1).double(), layer.scaling.double(), 6,
+                              mode == "soft")
+    h = (x64 @ layer.lora_a.double().reshape(24, 48).T).view(13, 6, 4)
+    base64 = torch.nn.functional.linear(x64, layer.base.weight.double(), layer.base.bias.double())
+    want = base64 + torch.einsum("te,ter,edr->td", coef, h, b64)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert (out.view(13, 24).double() - want).norm() <= tol * want.norm()
+
+
 def test_stacked_mix_plans_are_dropped_by_copies_and_moves():
     """Plans hold compiled kernels of one device: a deep copy or a pickle starts without them, and .to()
     clears them."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels._common import SUPPORTED_DTYPES
-from .kernels.dense import accumulation_dtype
+from .kernels.dense import accumulation_dtype, dense_stacked_mix
 from .kernels.fused import StackedMix
 from .kernels.op import moe_lora_mix_op, moe_lora_op
 from .ops import STRATEGIES, auto_strategy, check_shapes, lora_delta, mix_adapters, moe_lora
@@ -85,6 +85,7 @@ class MeteoRALinear(nn.Module):
         self.last_routing: Routing | None = None
         self._stack: torch.Tensor | None = None  # [W; A_flat; W_g; 0], see restack (not a buffer: not saved twice)
         self._stack_bias: torch.Tensor | None = None
+        self._stack_ptrs: tuple[int, int, int, int | None] | None = None  # W, A, W_g and bias data pointers in it
         self._stacked_mix = StackedMix(base.out_features, num_adapters, rank)
         self.stack_weights = stack_weights
         self.restack()
@@ -120,17 +121,16 @@ class MeteoRALinear(nn.Module):
                 bias.data = stack_bias[:d_out]
                 self._stack_bias = stack_bias
         self._stack = stack
+        self._stack_ptrs = self._data_ptrs()
+
+    def _data_ptrs(self) -> tuple[int, int, int, int | None]:
+        base, bias = self.base, self.base.bias
+        return base.weight.data_ptr(), self.lora_a.data_ptr(), self.gate.weight.data_ptr(), None if bias is None else bias.data_ptr()
 
     def _stack_is_live(self) -> bool:
-        """Whether W, A and W_g (and the bias) are still the views :meth:`restack` made."""
-        stack = self._stack
-        if stack is None:
-            return False
-        start, row = stack.data_ptr(), stack.shape[1] * stack.element_size()
-        d_out, bias = self.base.out_features, self.base.bias
-        return (self.base.weight.data_ptr() == start and self.lora_a.data_ptr() == start + d_out * row
-                and self.gate.weight.data_ptr() == start + (d_out + self.lora_a.shape[0] * self.lora_a.shape[1]) * row
-                and (bias is None or (self._stack_bias is not None and bias.data_ptr() == self._stack_bias.data_ptr())))
+        """Whether W, A and W_g (and the bias) are still the views :meth:`restack` made (their data pointers
+        those it recorded; asked on every inference call, so kept to four pointer reads)."""
+        return self._stack is not None and self._data_ptrs() == self._stack_ptrs
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -157,22 +157,23 @@ class MeteoRALinear(nn.Module):
                                             or self.lora_b_rows.requires_grad)
 
     def _fast_inference(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the eager CUDA inference path: stacked weights, no gradients, no tracing, the
-        routing not kept, a dtype of the kernels, and the fused strategy (itself or what "auto" picks)."""
-        if (not x.is_cuda or self.forced_adapter is not None or self.keep_routing or x.dtype not in SUPPORTED_DTYPES
-                or self._stack is None or x.dtype != self._stack.dtype or torch.compiler.is_compiling()):
-            return False
-        if self._records_grad(x):
+        """Whether this call takes the eager inference path: stacked weights in x's dtype, no gradients, no
+        tracing, the routing not kept, and the fused strategy (itself or what "auto" picks)."""
+        if (self.forced_adapter is not None or self.keep_routing or self._stack is None or x.dtype != self._stack.dtype
+                or torch.compiler.is_compiling() or self._records_grad(x)):
             return False
         strategy = self.strategy
         if strategy == "auto":
-            strategy = auto_strategy("cuda", x.dtype, False, x.numel() // x.shape[-1])
+            strategy = auto_strategy(x.device.type, x.dtype, False, x.numel() // x.shape[-1])
         return strategy == "fused" and x.numel() > 0 and self._stack_is_live()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_inference(x):  # one GEMM, then one launch (StackedMix)
+        if self._fast_inference(x):  # one GEMM, then the mixture read from it
             y = F.linear(x.reshape(-1, x.shape[-1]), self._stack, self._stack_bias)
-            out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
+            if x.is_cuda and x.dtype in SUPPORTED_DTYPES:  # one launch (StackedMix)
+                out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
+            else:  # the operator's dense form (CPU, float64), without its copies and checks
+                out = dense_stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, self.temperature, self.mode)
             self.last_routing = None
             return out.view(*x.shape[:-1], out.shape[-1])
         i = self.forced_adapter

@@ -32,8 +32,8 @@ def routing_coef(indices: torch.Tensor, weights: torch.Tensor, scaling: torch.Te
     scaling = scaling.to(weights.dtype)
     if soft:
         return weights * scaling
-    coef = weights.new_zeros(weights.shape[0], num_adapters)
-    return coef.scatter_(1, indices, weights * scaling[indices])
+    # scattering w, then scaling every column: the products w s of gathering s first, one op fewer
+    return weights.new_zeros(weights.shape[0], num_adapters).scatter_(1, indices, weights).mul_(scaling)
 
 
 def dense_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
@@ -50,17 +50,36 @@ def dense_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperatur
     """Routing and the mixture from the products already made: gate_logits (T, N) and h = x A^T (T, N r)
     in x's dtype with unit last stride (views into one stacked GEMM's output, or plain tensors); the
     rest as for :func:`dense_forward`. Returns (out, logits, indices, weights)."""
-    num_tokens, num_adapters = gate_logits.shape
-    rank = lora_b.shape[2]
     acc = accumulation_dtype(hidden.dtype)
     routing = route_unchecked(gate_logits.to(acc, copy=True), top_k, temperature, mode)  # never an alias of the input
     indices = routing.indices.contiguous()
-    coef = routing_coef(indices, routing.weights, scaling, num_adapters, mode == "soft")
-    mixed = (hidden.view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(hidden.dtype)
-    mixed = mixed.view(num_tokens, num_adapters * rank)
-    b_flat = flat_b(lora_b)
-    out = mixed @ b_flat if base is None else torch.addmm(base, mixed, b_flat)
+    out = _mixture(hidden, indices, routing.weights, scaling, flat_b(lora_b), base, mode == "soft")
     return out, routing.logits, indices, routing.weights
+
+
+def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch.Tensor, top_k: int, temperature: float,
+                      mode: str) -> torch.Tensor:
+    """:func:`dense_mix`'s out, the same bits, from :class:`meteora.MeteoRALinear`'s one stacked product, for
+    inference with the routing not kept (CPU): y (T, S) = x [W; A_flat; W_g; 0]^T, columns [0, d_out) the base
+    output, [d_out, d_out + N r) h, then the N gate logits; lora_b_rows (N, r, d_out) contiguous (B_flat);
+    scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype. The logits are read in place
+    and no routing is returned: the operator's copies and checks are left out."""
+    num_adapters, rank, d_out = lora_b_rows.shape
+    nr = num_adapters * rank
+    base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + num_adapters]
+    routing = route_unchecked(gate_logits, top_k, temperature, mode)
+    return _mixture(hidden, routing.indices, routing.weights, scaling, lora_b_rows.view(nr, d_out), base, mode == "soft")
+
+
+def _mixture(hidden, indices, weights, scaling, b_flat, base, soft: bool) -> torch.Tensor:
+    """base + (coef * h) B_flat: hidden (T, N r) with unit last stride, indices / weights (T, k), b_flat (N r,
+    d_out), base (T, d_out) or None."""
+    num_tokens, nr = hidden.shape
+    num_adapters = scaling.shape[0]
+    coef = routing_coef(indices, weights, scaling, num_adapters, soft)
+    mixed = (hidden.view(num_tokens, num_adapters, nr // num_adapters) * coef.unsqueeze(-1)).to(hidden.dtype)
+    mixed = mixed.view(num_tokens, nr)
+    return mixed @ b_flat if base is None else torch.addmm(base, mixed, b_flat)
 
 
 def routing_backward(dweights: torch.Tensor, logits: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
