@@ -48,6 +48,9 @@ class LayerSection:
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     strategies: list[str] = field(default_factory=lambda: ["base", "single", "peft", "meteora"])
     cuda_graphs: bool = False  # also time the layer replayed from a CUDA graph (no launch overhead)
+    # Decoder layers of distinct weights run in turn per timed call (the time is per layer): more than one
+    # takes the weights out of the last-level cache, as in a model with many layers.
+    weight_sets: int = 1
 
 
 @dataclass
@@ -110,6 +113,8 @@ class BenchConfig:
     targets: dict[str, Target] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.layer is not None and self.layer.weight_sets < 1:
+            raise ValueError(f"benchmark layer.weight_sets must be at least 1, got {self.layer.weight_sets}")
         for section, name in self.section_models():
             if name not in self.shapes:
                 raise ValueError(

@@ -8,7 +8,9 @@ call as gate training and routing traces run it, so off the eager inference path
 strategy (base + the mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
 output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
 ``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
-the same inputs with the strategy's own routing.
+the same inputs with the strategy's own routing. ``layer.weight_sets`` > 1 times that many decoder layers
+of distinct weights in turn (the time is per layer), so that the weights come from memory rather than the
+last-level cache, as in a whole model.
 """
 
 from __future__ import annotations
@@ -74,16 +76,12 @@ def make_projections(
     ]
 
 
-def make_inputs(
-    projections: list[Projection],
-    num_tokens: int,
-    routing: str,
-    dtype: torch.dtype,
-    device: torch.device,
+def make_hidden(
+    projections: list[Projection], num_tokens: int, routing: str, dtype: torch.dtype, device: torch.device,
     gen: torch.Generator,
-) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
-    """Inputs (T, d_in) per d_in (q/k/v/gate/up share the hidden state) and the gates to use. ``skewed``:
-    x is shifted along a direction u and gates 0 and 1 lean on u, so most tokens pick adapters 0 and 1."""
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Inputs (T, d_in) per d_in (q/k/v/gate/up share the hidden state) and a unit direction u per d_in;
+    ``skewed`` shifts x along u (see :func:`routing_gates`)."""
     if routing not in ("random", "skewed"):
         raise ValueError(f"unknown benchmark routing {routing!r}; expected 'random' or 'skewed'")
     inputs, directions = {}, {}
@@ -96,6 +94,12 @@ def make_inputs(
         if routing == "skewed":
             x += 2.5 * u
         inputs[p.d_in], directions[p.d_in] = x.to(dtype), u
+    return inputs, directions
+
+
+def routing_gates(projections: list[Projection], directions: dict[int, torch.Tensor], routing: str) -> list[torch.Tensor]:
+    """The gates to use: the projections' own, and for ``skewed`` with gates 0 and 1 leaning on u, so that
+    most tokens (shifted along u) pick adapters 0 and 1."""
     gates = []
     for p in projections:
         gate = p.gate
@@ -103,7 +107,16 @@ def make_inputs(
             gate = gate.clone()
             gate[:2] += (3.0 * directions[p.d_in]).to(gate.dtype)
         gates.append(gate)
-    return inputs, gates
+    return gates
+
+
+def make_inputs(
+    projections: list[Projection], num_tokens: int, routing: str, dtype: torch.dtype, device: torch.device,
+    gen: torch.Generator,
+) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """Inputs (T, d_in) per d_in and the gates to use (:func:`make_hidden`, :func:`routing_gates`)."""
+    inputs, directions = make_hidden(projections, num_tokens, routing, dtype, device, gen)
+    return inputs, routing_gates(projections, directions, routing)
 
 
 def _block(projections: list[Projection]) -> nn.Module:
@@ -225,14 +238,14 @@ def routing_match(gate: torch.Tensor, x: torch.Tensor, routing: Routing | None, 
 
 def measure_strategy(
     strategy: str,
-    projections: list[Projection],
-    gates: list[torch.Tensor],
+    weight_sets: list[tuple[list[Projection], list[torch.Tensor], dict[str, Any]]],
     inputs: dict[int, torch.Tensor],
     cfg: BenchConfig,
     device: torch.device,
-    built: dict[str, Any],
 ) -> dict[str, Any]:
-    """Error, routing agreement and memory per projection, then the layer's median time (eager, graphs)."""
+    """Error, routing agreement and memory per projection of the first weight set, then the median time of
+    one decoder layer (eager, graphs): the layers of every set (projections, their gates, the modules built
+    for them) run one after the other, the time divided by their number."""
     values: dict[str, Any] = {
         "ms": None,
         "ms_graph": None,
@@ -244,8 +257,10 @@ def measure_strategy(
     }
     scale = cfg.alpha / cfg.rank
     try:
-        run = runner(strategy, projections, gates, cfg, built)
-        keep = built.get(strategy, []) if strategy in METEORA_STRATEGIES else []
+        runs = [runner(strategy, projections, gates, cfg, built) for projections, gates, built in weight_sets]
+        projections, gates, _ = weight_sets[0]
+        run = runs[0]
+        keep = [layer for *_, b in weight_sets for layer in b.get(strategy, [])] if strategy in METEORA_STRATEGIES else []
         with torch.no_grad():
             for layer in keep:
                 layer.keep_routing = True
@@ -267,12 +282,15 @@ def measure_strategy(
                 layer.keep_routing = strategy == "meteora_routed"
 
             def layer_call() -> None:
-                for i, p in enumerate(projections):
-                    run(i, inputs[p.d_in])
+                for set_run in runs:
+                    for i, p in enumerate(projections):
+                        set_run(i, inputs[p.d_in])
 
-            values["ms"] = time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms)
+            values["ms"] = time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms) / len(runs)
             if cfg.layer.cuda_graphs and device.type == "cuda" and strategy.split("_")[0] not in NOT_CAPTURABLE:
                 values["ms_graph"], values["graph_error"] = time_graph_ms(layer_call, cfg.rep_ms)
+                if values["ms_graph"] is not None:
+                    values["ms_graph"] /= len(runs)
     except Exception as err:  # one failing strategy is a row with its error, not a crashed benchmark
         values["error"] = error_text(err)
     return values
@@ -291,15 +309,14 @@ def run_layer(
         for dtype_name in section.dtypes:
             dtype = DTYPES[dtype_name]
             gen = torch.Generator(device=device).manual_seed(cfg.seed)
-            projections = make_projections(cfg.shapes[model_name], cfg, dtype, device, gen)
-            built: dict[str, Any] = {}
+            sets = [make_projections(cfg.shapes[model_name], cfg, dtype, device, gen) for _ in range(section.weight_sets)]
+            builts: list[dict[str, Any]] = [{} for _ in sets]
             for routing_name in section.routings:
                 for num_tokens in section.tokens:
-                    inputs, gates = make_inputs(projections, num_tokens, routing_name, dtype, device, gen)
-                    row = {
-                        s: measure_strategy(s, projections, gates, inputs, cfg, device, built)
-                        for s in section.strategies
-                    }
+                    inputs, directions = make_hidden(sets[0], num_tokens, routing_name, dtype, device, gen)
+                    gates = [routing_gates(projections, directions, routing_name) for projections in sets]
+                    weight_sets = list(zip(sets, gates, builts))
+                    row = {s: measure_strategy(s, weight_sets, inputs, cfg, device) for s in section.strategies}
                     for key, suffix in (("ms", ""), ("ms_graph", "_graph")):
                         for reference in ("single", "peft", "base"):
                             ref = row.get(reference, {}).get(key)
@@ -326,8 +343,8 @@ def run_layer(
                         )
                     )
                     progress(cells)
-                    del inputs, gates
-            del projections, built
+                    del inputs, gates, weight_sets
+            del sets, builts
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

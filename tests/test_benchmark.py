@@ -148,6 +148,29 @@ def test_bad_settings_name_the_culprit(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_weight_sets_time_distinct_layers_each_with_its_own_gates():
+    from benchmarks import layer
+
+    cfg = load_config(TINY, ["layer.tokens=[3]", "layer.routings=[skewed]", "layer.weight_sets=2"])
+    cfg.model = cfg.train = None
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    sets = [layer.make_projections(cfg.shapes[cfg.layer.models[0]], cfg, torch.float32, device, gen) for _ in range(2)]
+    assert not torch.equal(sets[0][0].weight, sets[1][0].weight)
+    inputs, directions = layer.make_hidden(sets[0], 3, "skewed", torch.float32, device, gen)
+    gates = [layer.routing_gates(projections, directions, "skewed") for projections in sets]
+    builts = [{}, {}]
+    values = layer.measure_strategy("meteora", list(zip(sets, gates, builts)), inputs, cfg, device)
+    assert values["error"] is None and values["err"] < 1e-5 and values["ms"] > 0
+    for built, set_gates in zip(builts, gates):  # each set's MeteoRA layers route with that set's gates
+        assert [torch.equal(m.gate.weight, g) for m, g in zip(built["meteora"], set_gates)] == [True] * len(set_gates)
+    cells = run(cfg, log=lambda line: None)["layer"]
+    assert {c["strategy"] for c in cells} == set(cfg.layer.strategies)
+    assert all(c["error"] is None and c["err"] < 1e-5 for c in cells)
+    with pytest.raises(ValueError, match="weight_sets"):
+        load_config(TINY, ["layer.weight_sets=0"])
+
+
 def test_a_failing_strategy_is_a_row_not_a_crash():
     cfg = load_config(TINY, ["layer.tokens=[2]", "layer.routings=[random]", "layer.strategies=[single,nope]"])
     cfg.model = cfg.train = None

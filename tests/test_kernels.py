@@ -285,6 +285,39 @@ def test_dense_stacked_mix_is_the_routed_path_bit_for_bit(mode, top_k, dtype, mo
     assert (out.view(13, 24).double() - want).norm() <= tol * want.norm()
 
 
+@pytest.mark.parametrize("mode,top_k,dtype,temperature", [("topk", 2, torch.float32, 1.0), ("topk", 3, torch.float64, 1.5),
+                                                          ("topk_unnormalized", 2, torch.bfloat16, 1.0),
+                                                          ("topk_unnormalized", 1, torch.float32, 0.7)])
+def test_one_token_reads_only_the_chosen_adapters(mode, top_k, dtype, temperature, monkeypatch):
+    """At one token the eager path off the kernels reads only the k chosen B's: the routing of the path that
+    keeps it, and its output within rounding (a sum over k r terms instead of N r), for tokens one at a time
+    against the float64 reference."""
+    if DEVICE == "cuda" and dtype != torch.float64:
+        pytest.skip("on a GPU these dtypes take StackedMix (tested above)")
+    calls = []
+    real = dense._one_token_mix
+    monkeypatch.setattr(dense, "_one_token_mix", lambda *args: calls.append(1) or real(*args))
+    layer, xs = stacked_layer(6, 40, 56, 7, 4, top_k, dtype, mode, seed=23)
+    layer.temperature = temperature
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    b64 = layer.lora_b.double()
+    for x in xs:
+        with torch.no_grad():
+            layer.keep_routing = False
+            out = layer(x.view(1, 1, 40))
+            layer.keep_routing = True
+            routed = layer(x.view(1, 1, 40))
+        r = layer.last_routing
+        x64 = x.double()
+        coef = dense.routing_coef(r.indices.reshape(1, -1), r.weights.reshape(1, -1).double(), layer.scaling.double(), 7, False)
+        h = (x64 @ layer.lora_a.double().reshape(28, 40).T).view(7, 4)
+        want = torch.nn.functional.linear(x64, layer.base.weight.double(), layer.base.bias.double())
+        want = want + torch.einsum("e,er,edr->d", coef[0], h, b64)
+        assert (out.view(56).double() - want).norm() <= tol * want.norm()
+        assert (out.double() - routed.double()).norm() <= tol * want.norm()
+    assert len(calls) == len(xs)
+
+
 def test_stacked_mix_plans_are_dropped_by_copies_and_moves():
     """Plans hold compiled kernels of one device: a deep copy or a pickle starts without them, and .to()
     clears them."""

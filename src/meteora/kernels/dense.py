@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..routing import route_unchecked
+from ..routing import route_unchecked, scaled_logits
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,13 +62,48 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
     """:func:`dense_mix`'s out, the same bits, from :class:`meteora.MeteoRALinear`'s one stacked product, for
     inference with the routing not kept (CPU): y (T, S) = x [W; A_flat; W_g; 0]^T, columns [0, d_out) the base
     output, [d_out, d_out + N r) h, then the N gate logits; lora_b_rows (N, r, d_out) contiguous (B_flat);
-    scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype. The logits are read in place
-    and no routing is returned: the operator's copies and checks are left out."""
+    scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype.
+
+    The same operations as :func:`dense_mix` on the same values, and no others: the logits are read in
+    place, no routing is returned, and the per-call Python work is kept to the operations themselves (at one
+    token on a CPU each one costs about as much as the arithmetic)."""
     num_adapters, rank, d_out = lora_b_rows.shape
     nr = num_adapters * rank
-    base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + num_adapters]
-    routing = route_unchecked(gate_logits, top_k, temperature, mode)
-    return _mixture(hidden, routing.indices, routing.weights, scaling, lora_b_rows.view(nr, d_out), base, mode == "soft")
+    base, hidden, logits, _ = y.split([d_out, nr, num_adapters, y.shape[1] - d_out - nr - num_adapters], 1)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    if mode == "soft":
+        coef = scaled_logits(logits, temperature).softmax(-1).mul_(scaling.to(logits.dtype))
+    elif y.shape[0] == 1:  # one token: read only the k chosen B's (a fifth of the bytes for 10 adapters, top-2)
+        return _one_token_mix(base, hidden, logits, lora_b_rows, scaling, top_k, temperature, mode)
+    else:
+        if mode == "topk":
+            top, order = logits.sort(dim=-1, descending=True, stable=True)
+            weights = scaled_logits(top[:, :top_k], temperature).softmax(-1)
+        else:
+            probs = scaled_logits(logits, temperature).softmax(-1)
+            top, order = logits.sort(dim=-1, descending=True, stable=True)
+            weights = probs.gather(1, order[:, :top_k])
+        coef = logits.new_zeros(logits.shape).scatter_(1, order[:, :top_k], weights).mul_(scaling.to(logits.dtype))
+    mixed = (hidden.view(-1, num_adapters, rank) * coef.unsqueeze(-1)).to(y.dtype)
+    return torch.addmm(base, mixed.view(-1, nr), lora_b_rows.view(nr, d_out))
+
+
+def _one_token_mix(base, hidden, logits, lora_b_rows, scaling, top_k: int, temperature: float, mode: str) -> torch.Tensor:
+    """:func:`dense_stacked_mix` for one token in a top-k mode, from the k chosen adapters alone: the same
+    routing and the same products w_e s_e h_e, summed over k r terms instead of N r (of which all but k r are
+    zeros), so the output may differ from the dense mixture in the last bits. base (1, d_out), hidden (1, N r),
+    logits (1, N) in the accumulation dtype."""
+    num_adapters, rank, d_out = lora_b_rows.shape
+    top, order = logits.sort(dim=-1, descending=True, stable=True)
+    chosen = order[0, :top_k]
+    if mode == "topk":
+        weights = scaled_logits(top[0, :top_k], temperature).softmax(-1)
+    else:
+        weights = scaled_logits(logits[0], temperature).softmax(-1).index_select(0, chosen)
+    coef = weights.mul_(scaling.to(weights.dtype).index_select(0, chosen))
+    mixed = (hidden.view(num_adapters, rank).index_select(0, chosen) * coef.unsqueeze(-1)).to(base.dtype)
+    return torch.addmm(base, mixed.view(1, top_k * rank), lora_b_rows.index_select(0, chosen).view(top_k * rank, d_out))
 
 
 def _mixture(hidden, indices, weights, scaling, b_flat, base, soft: bool) -> torch.Tensor:
