@@ -131,6 +131,49 @@ def test_archive_is_read_like_the_sdist(tmp_path):
         read_task_files(["nope"], archive=archive)
 
 
+def _serve(root: Path):
+    """A PEP 503 index served from `root` on localhost: (server, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_archive_is_fetched_from_the_index_checked_and_missing_versions_say_what_to_do(tmp_path, monkeypatch):
+    """fetch_archive takes the sdist from the index page pip uses, checks its sha256, and where the index
+    lists no such version says where to put the file."""
+    import hashlib
+
+    from stages.data.bigbench import fetch_archive
+
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # localhost, never through a proxy
+        monkeypatch.delenv(proxy, raising=False)
+    index = tmp_path / "index"
+    (index / "bigbench").mkdir(parents=True)
+    payload = b"not really a tarball, but bytes with a known digest " * 50
+    (index / "bigbench" / "bigbench-1.0.0.tar.gz").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    server, url = _serve(index)
+    try:
+        page = index / "bigbench" / "index.html"
+        page.write_text('<a href="bigbench-0.0.1.tar.gz#sha256=' + "0" * 64 + '">bigbench-0.0.1.tar.gz</a>')
+        target = tmp_path / "raw" / "bigbench-1.0.0.tar.gz"
+        with pytest.raises(BigBenchError, match=r"not listed.*put bigbench-1.0.0.tar.gz at .*raw/bigbench-1.0.0.tar.gz"):
+            fetch_archive(target, index_url=url)
+        page.write_text(f'<a href="{url}/bigbench/bigbench-1.0.0.tar.gz#sha256={"f" * 64}">bigbench-1.0.0.tar.gz</a>')
+        with pytest.raises(BigBenchError, match="does not match"):
+            fetch_archive(target, index_url=url)
+        assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+        page.write_text(f'<a href="{url}/bigbench/bigbench-1.0.0.tar.gz#sha256={digest}">bigbench-1.0.0.tar.gz</a>')
+        assert fetch_archive(target, index_url=url) == target and target.read_bytes() == payload
+    finally:
+        server.shutdown()
+
+
 # --- splits, composites, leakage ---------------------------------------------------------------------
 
 

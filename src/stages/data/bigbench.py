@@ -62,7 +62,10 @@ def fetch_archive(path: str | Path, version: str = "1.0.0", index_url: str | Non
     if path.is_file():
         return path
     index_url = index_url or os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX
-    url, sha256 = _sdist_link(version, index_url)
+    try:
+        url, sha256 = _sdist_link(version, index_url)
+    except BigBenchError as err:
+        raise BigBenchError(f"{err}; put {PACKAGE}-{version}.tar.gz at {path} (the tasks.archive setting) and run again") from err
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     digest = hashlib.sha256()
