@@ -1,7 +1,7 @@
 """Where the time of one whole-model training step goes (the benchmark's train section): per system, the
 step's median ms; for MeteoRA also the step without the routing-accuracy bookkeeping, forward + backward
-alone and the forward alone; then the step's device kernels and host calls from torch.profiler. A
-diagnostic, printed, not a result:
+alone and the forward alone; then the step's device kernels and host calls from torch.profiler, and the
+Python functions that take the most host time (cProfile). A diagnostic, printed, not a result:
     PYTHONPATH=src:. python3 benchmarks/profile_train.py [--config conf/benchmark/gpu.yaml] [--device cuda] [key=value ...]
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
+import pstats
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,6 +37,19 @@ def without_routing_accuracy(model):
 def table(prof, steps: int, key: str, rows: int = 14) -> str:
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0))[:rows]
     return "\n".join(f"  {getattr(e, key, 0) / steps / 1e3:8.3f} ms  x{e.count // steps:4d}  {e.key[:90]}" for e in events)
+
+
+def python_hotspots(step, sync, steps: int = 5, rows: int = 25) -> str:
+    """The Python functions with the most own host time over ``steps`` steps (cProfile, by tottime)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
 
 
 def meteora_parts(name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, cfg: BenchConfig, step, device) -> None:
@@ -80,6 +96,7 @@ def profile_system(name: str, cfg: BenchConfig, device: torch.device) -> None:
         sync()
     print(f"{name}: device kernels per step\n{table(prof, 5, 'self_device_time_total')}")
     print(f"{name}: host calls per step\n{table(prof, 5, 'self_cpu_time_total')}", flush=True)
+    print(f"{name}: Python host time over 5 steps\n{python_hotspots(step, sync)}", flush=True)
 
 
 def main() -> None:

@@ -203,9 +203,12 @@ def test_stacked_mix_matches_the_routed_path(mode, top_k, dtype, regime):
     d_out, nr = 40, 5 * 4
     reference, logits, indices, _ = fused.fused_mix(y[:, d_out + nr:d_out + nr + 5], y[:, d_out:d_out + nr], layer.lora_b,
                                                     layer.scaling, y[:, :d_out], top_k, 1.5, mode)
-    for _ in range(2):
-        out = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, top_k, 1.5, mode)
+    for _ in range(2):  # many tokens write into y's base block: a fresh product per call
+        product = y.clone()
+        out = layer._stacked_mix(product, layer.lora_b_rows, layer.scaling, top_k, 1.5, mode)
         assert out.shape == (11, d_out) and out.dtype == dtype and torch.equal(out, reference)
+        in_place = fused.LARGE_TOKENS <= 11
+        assert (out.data_ptr() == product.data_ptr()) == in_place and out.is_contiguous() != in_place
     ref_indices, ref_w = ref_route(logits.double(), top_k, 1.5, mode)
     assert torch.equal(indices, ref_indices)
     base64 = x.double() @ layer.base.weight.double().T + layer.base.bias.double()
@@ -249,9 +252,9 @@ def test_stacked_mix_keeps_a_plan_of_direct_launches(monkeypatch, regime):
         return Compiled(), tail, meta
 
     monkeypatch.setattr(fused, "_first_launch", first_launch)
-    first = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")
+    first = layer._stacked_mix(y.clone(), layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")  # many tokens write into y
     assert direct == [] and len(layer._stacked_mix._plans) == 1
-    again = layer._stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")
+    again = layer._stacked_mix(y.clone(), layer.lora_b_rows, layer.scaling, 2, 1.0, "topk")
     assert len(direct) == 1 and torch.equal(again, first)
 
 

@@ -428,14 +428,16 @@ def fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperatur
 class StackedMix:
     """The mixture of :class:`meteora.MeteoRALinear`'s one stacked product, for eager inference on CUDA,
     with the routing not kept: per call, the output's allocation and one launch (many tokens: the mix
-    buffer, one launch and cuBLAS's addmm into the base block), nothing else. The kernels read the gate
+    buffer, one launch and cuBLAS's addmm in place into the base block of y), nothing else. The kernels read the gate
     logits, h and the base output in place as column offsets of the product, and skip writing the routing;
     everything else about a launch (constexprs, grid, the compiled kernel) is planned once per token count,
     routing setting and dtype.
 
     y (T, S) contiguous: x [W; A_flat; W_g; 0]^T, columns [0, d_out) the base output, [d_out, d_out + N r)
     h, then the N gate logits; lora_b_rows (N, r, d_out) contiguous (B_flat); scaling (N,) float32.
-    Returns out (T, d_out) = base + delta in y's dtype. Plans hold compiled kernels of one device:
+    Returns out (T, d_out) = base + delta in y's dtype: few tokens a new contiguous tensor, many tokens
+    (>= LARGE_TOKENS) y's base block itself, a view with row stride S (y is overwritten there and kept
+    alive by it). Plans hold compiled kernels of one device:
     :meth:`clear` them when the weights move.
     """
 
@@ -481,7 +483,8 @@ class StackedMix:
             def mix(launch, y, lora_b_rows, scaling, inv_temp):
                 buf = y.new_empty((num_tokens, nr))
                 launch(y, y, scaling, buf, buf, buf, buf, *ints, inv_temp)
-                return torch.addmm(y[:, :d_out], buf, lora_b_rows.view(nr, d_out))
+                # in place into the base block: one GEMM, no copy of the base output to a new tensor
+                return y[:, :d_out].addmm_(buf, lora_b_rows.view(nr, d_out))
 
         entries = []
         out = mix(lambda *args: entries.append(_first_launch(kernel, grid, args, constexprs)), y, lora_b_rows, scaling,
