@@ -4,7 +4,9 @@ Registered with ``torch.library.Library`` ``define``/``impl`` (one implementatio
 for tracing, an autograd formula through a second operator, ``meteora::moe_lora_backward``), not with
 ``torch.library.custom_op``: on CPU the dispatcher costs about 8 us a call this way against 12 us through
 ``custom_op`` (``python -m benchmarks.op_overhead``). Calling the implementation directly costs nothing,
-so :func:`moe_lora_op` does that when neither tracing nor autograd needs the operator (eager inference).
+so :func:`moe_lora_op` does that when nothing traces (eager inference; eager training through a plain
+``torch.autograd.Function`` with the operator's own context and backward), the operator only under
+torch.compile.
 
 ``torch.ops.meteora.moe_lora_mix`` is the second half alone: the routing and the chosen B's from a gate-logit
 and down-projection block that the caller already computed (one GEMM against the stacked [W; W_g; A] in
@@ -146,13 +148,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights, _grad_hidden):
     """h, the fifth output, is kept for this backward and takes no gradient of its own."""
+    return _backward_through(torch.ops.meteora.moe_lora_backward, ctx, grad_out, grad_logits, grad_weights)
+
+
+def _backward_through(backward_op, ctx, grad_out, grad_logits, grad_weights):
+    """The operator's gradients, computed by ``backward_op`` (the registered operator, which torch.compile
+    traces, or its implementation, called directly in eager training)."""
     x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices, weights = ctx.saved_tensors
     if not ctx.has_gate_x:
         gate_x = None
     needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4)]
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], lora_b.shape[1])
-    grads = torch.ops.meteora.moe_lora_backward(
+    grads = backward_op(
         grad_out, grad_logits, grad_weights, x, gate_x, gate_weight, lora_a, lora_b, scaling, hidden, logits, indices,
         weights, *ctx.routing, needs,
     )
@@ -162,6 +170,22 @@ def _backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights, _grad_hid
 
 
 torch.library.register_autograd("meteora::moe_lora", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+class _EagerMoELoRA(torch.autograd.Function):
+    """The operator's forward and autograd formula without the dispatcher, for eager training: the same
+    implementation, context and backward, minus the Python layers of ``register_autograd`` and two
+    dispatcher calls per projection."""
+
+    @staticmethod
+    def forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode):
+        return moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights, _grad_hidden):
+        return _backward_through(_backward_impl, ctx, grad_out, grad_logits, grad_weights)
 
 
 def _mix_setup_context(ctx, inputs, output):
@@ -190,11 +214,14 @@ torch.library.register_autograd("meteora::moe_lora_mix", _mix_backward, setup_co
 
 def moe_lora_op(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
     """The operator (see :func:`moe_lora_impl` for the arguments), unchecked: through the dispatcher when
-    torch.compile traces or autograd records, a direct call of the implementation otherwise."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            x.requires_grad or gate_weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-            or (gate_x is not None and gate_x.requires_grad) or (base is not None and base.requires_grad))):
+    torch.compile traces, its autograd formula without the dispatcher when autograd records (eager
+    training), a direct call of the implementation otherwise."""
+    if torch.compiler.is_compiling():
         return torch.ops.meteora.moe_lora(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
+    if torch.is_grad_enabled() and (
+            x.requires_grad or gate_weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+            or (gate_x is not None and gate_x.requires_grad) or (base is not None and base.requires_grad)):
+        return _EagerMoELoRA.apply(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
     return moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
 
 
