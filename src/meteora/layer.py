@@ -40,9 +40,9 @@ class MeteoRALinear(nn.Module):
     (``torch.ops.meteora.moe_lora_mix``) for the routing and the chosen B's, added to the base output.
     Gradients (gate training) go through the operator ``moe_lora``, which differentiates the three products
     apart: a stacked GEMM with its own backward was measured no faster on an H200 (README, Speed).
-    ``stack_weights=False`` leaves the base weight's tensor alone (three products per call). On that eager
-    CUDA path at 64 tokens and more, the output is a row-strided view of the product (the chosen B's are
-    added in place into its base block), not a contiguous tensor.
+    ``stack_weights=False`` leaves the base weight's tensor alone (three products per call). Eager
+    inference on CUDA (StackedMix) at ``LARGE_TOKENS`` (64) tokens and more returns a row-strided view of
+    the stacked product (the chosen B's are added in place into its base block), not a contiguous tensor.
     """
 
     def __init__(
