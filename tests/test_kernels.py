@@ -116,10 +116,12 @@ def test_triton_mixture_refuses_trainable_adapters():
 
 # ----------------------------------------------------------------------------- fused_moe_lora
 
-@pytest.fixture(params=["few", "many"])
+@pytest.fixture(params=["gather", "few", "many"])
 def regime(request, monkeypatch):
-    """Run a test through the few-token Triton kernels and through the many-token cuBLAS regime."""
-    monkeypatch.setattr(fused, "LARGE_TOKENS", 10**9 if request.param == "few" else 0)
+    """Run a test through each few-token Triton kernel (the per-token gather one, for top-k modes; the block
+    one) and through the many-token cuBLAS regime."""
+    monkeypatch.setattr(fused, "GATHER_TOKENS", 10**9 if request.param == "gather" else 0)
+    monkeypatch.setattr(fused, "LARGE_TOKENS", 0 if request.param == "many" else 10**9)
     return request.param
 
 

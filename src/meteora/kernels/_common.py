@@ -45,6 +45,11 @@ def token_bucket(num_tokens: int) -> int:
     return min(pow2(num_tokens, 1), 8192)
 
 
+def one_config_under_interpreter(configs, named_args, **kwargs):
+    """An ``early_config_prune``: every config on a GPU, the first alone under the interpreter."""
+    return configs[:1] if INTERPRET else configs
+
+
 def prune_by_tokens(small_block_m: int = 16, small_limit: int = 32):
     """An ``early_config_prune`` keeping configs with BM = small_block_m for few tokens and larger BM
     otherwise; under the interpreter only the first kept config (no benchmarking on CPU)."""

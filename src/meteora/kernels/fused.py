@@ -5,6 +5,9 @@ Forward, with no host synchronisation anywhere (CUDA-graph capturable):
 1. two cuBLAS GEMMs: the gate logits x W_g^T (T, N) and every adapter's down-projection h = x A^T (T, N r),
    both in x's dtype, the same products as the reference's (so the routing is the reference's);
 2. one Triton kernel per regime:
+   * a handful of tokens (<= GATHER_TOKENS) in a top-k mode: ``_route_gather_kernel``: per token, its top-k
+     and softmax, then the rows of the k chosen adapters' B gathered (k loads, no branch between them) and
+     added to the base output: decode's regime, where the kernel's latency is the cost;
    * few tokens (< LARGE_TOKENS): ``_route_expand_kernel``: per block of tokens, top-k (the lower index wins
      ties) and softmax of the logits, then the chosen adapters' B as one tensor-core product over the
      adapter axis in which chunks of adapters that no token of the block chose are skipped, added to the
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2, prune_by_tokens, tl_dtype, token_bucket, use_ieee_dot
+from ._common import INTERPRET, one_config_under_interpreter, pow2, prune_by_tokens, tl_dtype, token_bucket, use_ieee_dot
 from .dense import flat_b, input_grads
 
 MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
@@ -47,6 +50,9 @@ MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
 # an H100 at LLaMA3-8B shapes, the few-token kernel's per-block routing and chunk loop already cost more
 # than the cuBLAS product at 256 tokens.
 LARGE_TOKENS = 64
+# Up to this many tokens, top-k modes take the per-token gather kernel: its k loads of R x BN rows of B are
+# independent, where the block kernel's chunk loop waits on one load (and one branch) per chunk of adapters.
+GATHER_TOKENS = 16
 _COMPILED: dict[tuple, tuple[Any, tuple, dict]] = {}
 
 
@@ -262,6 +268,57 @@ def _route_expand_kernel(
     tl.store(out_ptr + rows[:, None] * DOUT + ncols[None, :], acc.to(DTYPE), mask=omask)
 
 
+_GATHER_CONFIGS = [
+    triton.Config({"BN": 256}, num_warps=4),
+    triton.Config({"BN": 128}, num_warps=4),
+    triton.Config({"BN": 512}, num_warps=4),
+    triton.Config({"BN": 1024}, num_warps=8),
+]
+
+
+@triton.autotune(configs=_GATHER_CONFIGS, key=["T_BUCKET", "DOUT", "NR"],
+                 prune_configs_by={"early_config_prune": one_config_under_interpreter})
+@_jit(_EXPAND_INTS, _EXPAND_PTRS)
+def _route_gather_kernel(
+    gl_ptr, h_ptr, b_ptr, scale_ptr, base_ptr, out_ptr, logits_ptr, idx_ptr, w_ptr,
+    T, N, R, NR, DOUT, T_BUCKET, stride_gl_t, stride_h_t, stride_base_t, col_gl, col_h, col_base, inv_temp,
+    MODE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+    HAS_BASE: tl.constexpr, STORE_ROUTING: tl.constexpr, DTYPE: tl.constexpr, BN: tl.constexpr,
+):
+    """Route one token (a top-k mode) and write (base +) sum_j w_j s_e B_e h_te over its k chosen adapters e
+    for a block of output columns, reading only those adapters' R rows of B_flat; one program per (token,
+    block of columns). Arguments as for ``_route_expand_kernel``. The products w s h are rounded to DTYPE
+    before they meet B, as in the other regimes."""
+    gl_ptr += col_gl
+    h_ptr += col_h
+    base_ptr += col_base
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = t + tl.arange(0, 1)
+    rmask = rows < T
+    gcols = tl.arange(0, NP)
+    kcols = tl.arange(0, KP)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
+    coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
+    if STORE_ROUTING and pid_n == 0:
+        _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+
+    ncols = pid_n * BN + tl.arange(0, BN)
+    nmask = ncols < DOUT
+    q = tl.arange(0, RP)
+    qmask = q < R
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        e = tl.sum(tl.where(kcols[None, :] == j, idx, 0))
+        c = tl.sum(tl.where(kcols[None, :] == j, w, 0.0)) * tl.load(scale_ptr + e)
+        h = tl.load(h_ptr + t * stride_h_t + e * R + q, mask=qmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + (e * R + q)[:, None] * DOUT + ncols[None, :], mask=qmask[:, None] & nmask[None, :], other=0.0)
+        acc += tl.sum((c * h).to(DTYPE).to(tl.float32)[:, None] * b.to(tl.float32), axis=0)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + t * stride_base_t + ncols, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * DOUT + ncols, acc.to(DTYPE), mask=nmask)
+
+
 @_jit(["T", "N", "R", "NR", "stride_gl_t", "stride_h_t", "col_gl", "col_h"],
       ["gl_ptr", "h_ptr", "scale_ptr", "mix_ptr", "logits_ptr", "idx_ptr", "w_ptr"])
 def _route_mix_kernel(
@@ -353,16 +410,29 @@ def _routing_constexprs(num_adapters: int, top_k: int, mode: str) -> dict:
     return {"MODE": MODES[mode], "K": k, "KP": pow2(k), "NP": pow2(num_adapters)}
 
 
+def _gathers(num_tokens: int, mode: str) -> bool:
+    """Whether a few-token launch takes the per-token gather kernel (else the block kernel)."""
+    return num_tokens <= GATHER_TOKENS and mode != "soft"
+
+
 @functools.lru_cache(maxsize=4096)
 def _expand_plan(num_tokens: int, num_adapters: int, rank: int, d_out: int, dtype: torch.dtype, top_k: int,
-                 mode: str, has_base: bool, store_routing: bool = True) -> tuple[dict, tuple, Callable, int]:
-    """Everything about a few-token launch that depends only on shapes and settings, computed once."""
+                 mode: str, has_base: bool, store_routing: bool = True, gather: bool = False,
+                 ) -> tuple[Any, dict, tuple, Callable, int]:
+    """Everything about a few-token launch that depends only on shapes and settings, computed once: the
+    kernel (``gather``: the per-token one), its constexprs, cache key, grid and token bucket."""
     bucket = token_bucket(num_tokens)
     constexprs = {**_routing_constexprs(num_adapters, top_k, mode), "HAS_BASE": has_base,
-                  "STORE_ROUTING": store_routing, "DTYPE": tl_dtype(dtype), "IEEE": use_ieee_dot(dtype)}
+                  "STORE_ROUTING": store_routing, "DTYPE": tl_dtype(dtype)}
+    if gather:
+        constexprs["RP"] = pow2(rank)
+        key = ("gather", dtype, bucket, d_out, num_adapters * rank, *constexprs.values())
+        grid = lambda meta: (num_tokens, triton.cdiv(d_out, meta["BN"]))
+        return _route_gather_kernel, constexprs, key, grid, bucket
+    constexprs["IEEE"] = use_ieee_dot(dtype)
     key = ("expand", dtype, bucket, d_out, num_adapters * rank, *constexprs.values())
     grid = lambda meta: (triton.cdiv(num_tokens, meta["BM"]), triton.cdiv(d_out, meta["BN"]))
-    return constexprs, key, grid, bucket
+    return _route_expand_kernel, constexprs, key, grid, bucket
 
 
 @functools.lru_cache(maxsize=4096)
@@ -403,10 +473,11 @@ def fused_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperatur
     b_flat = lora_b.permute(0, 2, 1).reshape(nr, d_out)  # row e r + q = B_e[:, q]; a view for the layer's B
     strides = (gate_logits.stride(0), hidden.stride(0))
     if num_tokens < LARGE_TOKENS:
-        constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, dtype, top_k, mode, base is not None)
+        kernel, constexprs, key, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, dtype, top_k, mode,
+                                                             base is not None, True, _gathers(num_tokens, mode))
         out = torch.empty(num_tokens, d_out, device=device, dtype=dtype)
         _launch(
-            _route_expand_kernel, grid, key,
+            kernel, grid, key,
             (gate_logits, hidden, b_flat, scaling, out if base is None else base, out, logits, indices, weights,
              num_tokens, num_adapters, rank, nr, d_out, bucket, *strides, d_out if base is None else base.stride(0),
              0, 0, 0, 1.0 / temperature),
@@ -466,8 +537,8 @@ class StackedMix:
         nr = num_adapters * rank
         col_h, col_gl = d_out, d_out + nr
         if num_tokens < LARGE_TOKENS:
-            kernel = _route_expand_kernel
-            constexprs, _, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, y.dtype, top_k, mode, True, False)
+            kernel, constexprs, _, grid, bucket = _expand_plan(num_tokens, num_adapters, rank, d_out, y.dtype, top_k, mode,
+                                                               True, False, _gathers(num_tokens, mode))
             ints = (num_tokens, num_adapters, rank, nr, d_out, bucket, stride, stride, stride, col_gl, col_h, 0)
 
             def mix(launch, y, lora_b_rows, scaling, inv_temp):

@@ -15,11 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, pow2, tl_dtype
-
-
-def _one_config_under_interpreter(configs, named_args, **kwargs):
-    return configs[:1] if INTERPRET else configs
+from ._common import one_config_under_interpreter, pow2, tl_dtype
 
 
 @triton.autotune(
@@ -29,7 +25,7 @@ def _one_config_under_interpreter(configs, named_args, **kwargs):
         triton.Config({"BD": 128}, num_warps=2),
     ],
     key=["D", "R"],
-    prune_configs_by={"early_config_prune": _one_config_under_interpreter},
+    prune_configs_by={"early_config_prune": one_config_under_interpreter},
 )
 @triton.jit
 def _gather_shrink_kernel(
@@ -61,7 +57,7 @@ def _gather_shrink_kernel(
         triton.Config({"BN": 512}, num_warps=8),
     ],
     key=["DOUT", "R"],
-    prune_configs_by={"early_config_prune": _one_config_under_interpreter},
+    prune_configs_by={"early_config_prune": one_config_under_interpreter},
 )
 @triton.jit
 def _gather_expand_kernel(
