@@ -323,6 +323,40 @@ def test_one_token_reads_only_the_chosen_adapters(mode, top_k, dtype, temperatur
     assert len(calls) == len(xs)
 
 
+@pytest.mark.parametrize("mode,top_k,temperature", [("topk", 2, 1.0), ("topk", 3, 0.6), ("topk_unnormalized", 2, 1.0),
+                                                    ("topk_unnormalized", 1, 2.5)])
+def test_one_token_routing_is_the_tensor_routing(mode, top_k, temperature):
+    """The one-token path's routing on Python floats picks the adapters torch's routing picks (ties to the lower
+    index, +-inf logits included) with the same weights within float32 rounding."""
+    from meteora.routing import route_unchecked
+
+    gen = torch.Generator().manual_seed(top_k)
+    for trial in range(20):
+        logits = torch.randn(1, 9, generator=gen)
+        if trial % 3 == 0:  # ties
+            logits = logits.round()
+        if trial % 5 == 1:
+            logits[0, 4] = float("-inf")
+        routing = route_unchecked(logits, top_k, temperature, mode)
+        chosen, weights = dense.one_token_routing(logits[0].tolist(), top_k, temperature, mode)
+        assert chosen == routing.indices[0].tolist()
+        assert torch.allclose(torch.tensor(weights, dtype=torch.float64), routing.weights[0].double(), atol=1e-6)
+
+
+def test_one_token_nan_logits_take_the_tensor_path():
+    """A NaN gate logit has no order: the one-token path hands the token to the tensor path, which routes it as
+    every other path does (adapters in range, the routed path's output)."""
+    layer, x = stacked_layer(1, 40, 56, 7, 4, 2, torch.float32, seed=24)
+    with torch.no_grad():
+        layer.gate.weight[3] = float("nan")
+        y = torch.nn.functional.linear(x, layer._stack, layer._stack_bias)
+        assert dense._one_token_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.5, "topk") is None
+        out = dense.dense_stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.5, "topk")
+        layer.keep_routing = True
+        routed = layer(x)
+    assert torch.allclose(out, routed, rtol=0, atol=0, equal_nan=True)  # the same bits, NaNs where they fall
+
+
 def test_stacked_mix_plans_are_dropped_by_copies_and_moves():
     """Plans hold compiled kernels of one device: a deep copy or a pickle starts without them, and .to()
     clears them."""
