@@ -51,6 +51,10 @@ class LayerSection:
     # Decoder layers of distinct weights run in turn per timed call (the time is per layer): more than one
     # takes the weights out of the last-level cache, as in a model with many layers.
     weight_sets: int = 1
+    # The strategies of a cell are timed in this many interleaved rounds (each a full rep_ms measurement per
+    # strategy), so that a drift of the machine hits them all: ms is the median round, x_<reference> the
+    # median of the per-round ratios and, from three rounds on, x_<reference>_ci its 95% bootstrap interval.
+    rounds: int = 1
 
 
 @dataclass
@@ -115,6 +119,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer.weight_sets < 1:
             raise ValueError(f"benchmark layer.weight_sets must be at least 1, got {self.layer.weight_sets}")
+        if self.layer is not None and self.layer.rounds < 1:
+            raise ValueError(f"benchmark layer.rounds must be at least 1, got {self.layer.rounds}")
         for section, name in self.section_models():
             if name not in self.shapes:
                 raise ValueError(

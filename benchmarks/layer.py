@@ -16,6 +16,7 @@ last-level cache, as in a whole model.
 from __future__ import annotations
 
 import gc
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from meteora import AdapterBank, MeteoRALinear, Routing, StackedLoRA, attach_met
 from meteora.ops import STRATEGIES as MOE_STRATEGIES
 
 from .config import DTYPES, BenchConfig, Shapes
-from .timing import error_text, peak_extra_mb, ratio, time_graph_ms, time_ms
+from .timing import error_text, paired_ratio, peak_extra_mb, ratio, time_graph_ms, time_ms
 
 METEORA_STRATEGIES = ("meteora", "meteora_unstacked", "meteora_routed")  # MeteoRALinear layers, see the module docstring
 
@@ -236,18 +237,43 @@ def routing_match(gate: torch.Tensor, x: torch.Tensor, routing: Routing | None, 
     return (routing.indices == expected).all(-1).float().mean().item()
 
 
-def measure_strategy(
-    strategy: str,
-    weight_sets: list[tuple[list[Projection], list[torch.Tensor], dict[str, Any]]],
-    inputs: dict[int, torch.Tensor],
-    cfg: BenchConfig,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Error, routing agreement and memory per projection of the first weight set, then the median time of
-    one decoder layer (eager, graphs): the layers of every set (projections, their gates, the modules built
-    for them) run one after the other, the time divided by their number."""
+WeightSets = list[tuple[list[Projection], list[torch.Tensor], dict[str, Any]]]
+
+
+def measure_strategy(strategy: str, weight_sets: WeightSets, inputs: dict[int, torch.Tensor], cfg: BenchConfig,
+                     device: torch.device) -> dict[str, Any]:
+    """One strategy's values alone (:func:`prepare_strategy`, then its eager rounds)."""
+    measured = {strategy: prepare_strategy(strategy, weight_sets, inputs, cfg, device)}
+    time_rounds(measured, cfg, device, len(weight_sets))
+    return measured[strategy][0]
+
+
+def time_rounds(measured: dict[str, tuple[dict[str, Any], Callable[[], None] | None]], cfg: BenchConfig,
+                device: torch.device, layers_per_call: int) -> None:
+    """Time the prepared strategies of one cell in ``layer.rounds`` interleaved rounds, one median
+    measurement of each per round (so that a drift of the machine hits them all): ms_rounds per strategy
+    (per decoder layer: the call's time over ``layers_per_call``), ms the median round."""
+    for _ in range(cfg.layer.rounds):
+        for values, layer_call in measured.values():
+            if layer_call is not None and values["error"] is None:
+                try:
+                    values["ms_rounds"].append(time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms) / layers_per_call)
+                except Exception as err:  # a strategy failing mid-way keeps its error, the others go on
+                    values["error"] = error_text(err)
+    for values, _ in measured.values():
+        if values["error"] is None and values["ms_rounds"]:
+            values["ms"] = statistics.median(values["ms_rounds"])
+
+
+def prepare_strategy(strategy: str, weight_sets: WeightSets, inputs: dict[int, torch.Tensor], cfg: BenchConfig,
+                     device: torch.device) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """Error, routing agreement and memory per projection of the first weight set, the median time of one
+    decoder layer replayed from a CUDA graph, and the eager call of one decoder layer per weight set for
+    :func:`time_rounds` (None after an error): the layers of every set (projections, their gates, the
+    modules built for them) run one after the other, the time divided by their number."""
     values: dict[str, Any] = {
         "ms": None,
+        "ms_rounds": [],
         "ms_graph": None,
         "graph_error": None,
         "err": 0.0,
@@ -286,14 +312,26 @@ def measure_strategy(
                     for i, p in enumerate(projections):
                         set_run(i, inputs[p.d_in])
 
-            values["ms"] = time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms) / len(runs)
             if cfg.layer.cuda_graphs and device.type == "cuda" and strategy.split("_")[0] not in NOT_CAPTURABLE:
                 values["ms_graph"], values["graph_error"] = time_graph_ms(layer_call, cfg.rep_ms)
                 if values["ms_graph"] is not None:
                     values["ms_graph"] /= len(runs)
+            return values, layer_call
     except Exception as err:  # one failing strategy is a row with its error, not a crashed benchmark
         values["error"] = error_text(err)
-    return values
+    return values, None
+
+
+def add_ratios(row: dict[str, dict[str, Any]]) -> None:
+    """x_<reference> (eager: the median per-round ratio, with x_<reference>_ci) and x_<reference>_graph of
+    every strategy of a cell against single, peft and base."""
+    for reference in ("single", "peft", "base"):
+        ref = row.get(reference, {})
+        for values in row.values():
+            ok = values["error"] is None and ref.get("error") is None
+            values[f"x_{reference}"], values[f"x_{reference}_ci"] = (
+                paired_ratio(values["ms_rounds"], ref.get("ms_rounds", [])) if ok else (None, None))
+            values[f"x_{reference}_graph"] = ratio(values.get("ms_graph"), ref.get("ms_graph"))
 
 
 def run_layer(
@@ -316,12 +354,11 @@ def run_layer(
                     inputs, directions = make_hidden(sets[0], num_tokens, routing_name, dtype, device, gen)
                     gates = [routing_gates(projections, directions, routing_name) for projections in sets]
                     weight_sets = list(zip(sets, gates, builts))
-                    row = {s: measure_strategy(s, weight_sets, inputs, cfg, device) for s in section.strategies}
-                    for key, suffix in (("ms", ""), ("ms_graph", "_graph")):
-                        for reference in ("single", "peft", "base"):
-                            ref = row.get(reference, {}).get(key)
-                            for values in row.values():
-                                values[f"x_{reference}{suffix}"] = ratio(values.get(key), ref)
+                    measured = {s: prepare_strategy(s, weight_sets, inputs, cfg, device) for s in section.strategies}
+                    time_rounds(measured, cfg, device, len(weight_sets))
+                    row = {s: values for s, (values, _) in measured.items()}
+                    del measured
+                    add_ratios(row)
                     cells += [
                         {
                             "model": model_name,

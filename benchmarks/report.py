@@ -9,12 +9,17 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+
+
 def _cell(row: dict | None, key: str, ratios: tuple[str, ...]) -> str:
     if row is None:
         return "-"
     if row.get(key) is None:
         return "error" if row.get("error") or row.get("graph_error") else "-"
-    parts = [f"{_fmt(row.get(r), 2)}x" for r in ratios if row.get(r) is not None]
+    parts = [f"{_fmt(row.get(r), 2)}x" + (f" [{_fmt(row[f'{r}_ci'][0], 2)}-{_fmt(row[f'{r}_ci'][1], 2)}]"
+                                          if row.get(f"{r}_ci") else "") for r in ratios if row.get(r) is not None]
     return _fmt(row[key]) + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -30,7 +35,8 @@ def layer_tables(cells: list[dict]) -> list[str]:
             lines += [
                 f"### Layer: {group[0]}, {group[1]}, {group[2]} routing, {label}",
                 "",
-                "ms per decoder layer (x single LoRA in torch, x PEFT LoRA)",
+                "ms per decoder layer (x single LoRA in torch, x PEFT LoRA; eager: median of the per-round ratios "
+                "[95% bootstrap interval over rounds])",
                 "",
                 "| tokens | " + " | ".join(strategies) + " |",
                 "|---:|" + "---:|" * len(strategies),
@@ -143,7 +149,7 @@ def to_markdown(results: dict[str, Any]) -> str:
         for name, t in results["targets"].items():
             where = ", ".join(f"{k}={v}" for k, v in t["where"].items())
             lines.append(
-                f"| {name} | {t['section']} | {where} | {t['metric']} | {_fmt(t['worst'])} | "
+                f"| {name} | {t['section']} | {where} | {t['metric']} | {_fmt(t['worst'])}{_interval(t.get('worst_ci'))} | "
                 f"{t['limit']} | {t['met']} |"
             )
     return "\n".join(lines) + "\n"

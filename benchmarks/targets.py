@@ -9,15 +9,18 @@ from .config import Target
 
 
 def check(target: Target, results: dict[str, Any]) -> dict[str, Any]:
-    """{"worst", "limit", "met", "rows"}: met is None when no matching row has the metric."""
+    """{"worst", "worst_ci", "limit", "met", "rows"}: met is None when no matching row has the metric."""
     rows = [r for r in results.get(target.section, []) if all(r.get(k) == v for k, v in target.where.items())]
-    values = [r[target.metric] for r in rows if r.get(target.metric) is not None]
+    measured = [r for r in rows if r.get(target.metric) is not None]
+    values = [r[target.metric] for r in measured]
     worst = max(values, default=None)
+    worst_ci = next((r.get(f"{target.metric}_ci") for r in measured if r[target.metric] == worst), None)
     return {
         "section": target.section,
         "metric": target.metric,
         "where": dict(target.where),
         "worst": worst,
+        "worst_ci": worst_ci,  # the worst row's 95% interval, where its metric has one
         "limit": target.limit,
         "met": None if worst is None else worst <= target.limit,
         "rows": len(values),

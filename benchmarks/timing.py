@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import random
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,23 @@ def peak_extra_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     torch.cuda.synchronize(device)
     del result
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def paired_ratio(values: list[float], references: list[float], resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float | None, list[float] | None]:
+    """The median of the per-round ratios values[i] / references[i] (rounds timed side by side) and its
+    percentile-bootstrap interval over rounds, [low, high] (None under three rounds); (None, None) when
+    either list is empty or their lengths differ (a strategy that failed mid-way)."""
+    if not values or len(values) != len(references) or not all(references):
+        return None, None
+    ratios = [v / r for v, r in zip(values, references)]
+    estimate = statistics.median(ratios)
+    if len(ratios) < 3:
+        return estimate, None
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1.0 - level) / 2.0
+    return estimate, [medians[int(tail * (resamples - 1))], medians[int((1.0 - tail) * (resamples - 1))]]
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:

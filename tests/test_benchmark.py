@@ -23,6 +23,7 @@ PROFILES = sorted((ROOT / "conf" / "benchmark").glob("*.yaml"))
 TINY = ROOT / "conf" / "benchmark" / "tiny.yaml"
 QUICK = [
     "layer.tokens=[3,5]",
+    "layer.rounds=3",
     "model.layers=1",
     "model.new_tokens=2",
     "model.batches=[2]",
@@ -47,6 +48,9 @@ def test_every_layer_strategy_matches_float64_with_its_own_routing(results):
     for cell in cells:
         assert cell["error"] is None, cell
         assert cell["err"] < 1e-5, cell  # float32 against float64, same inputs and routing
+        assert len(cell["ms_rounds"]) == cfg.layer.rounds and cell["ms"] == sorted(cell["ms_rounds"])[1], cell
+        low, high = cell["x_single_ci"]  # the rounds of a cell are paired: each ratio is within its round's
+        assert low <= cell["x_single"] <= high, cell
         if cell["strategy"] not in ("base", "single", "peft"):  # the mixtures pick the float64 gate's top-k
             assert cell["routing_match"] == 1.0, cell
 
@@ -121,6 +125,26 @@ def test_targets_take_the_worst_matching_row():
     assert (eager["worst"], eager["met"], eager["rows"]) == (1.1, False, 2)
     assert check(Target("model", "x", 1.2, {"system": "meteora", "mode": "eager"}), results)["met"] is True
     assert check(Target("model", "x", 1.0, {"system": "peft_arrow"}), results)["met"] is None
+
+
+def test_paired_ratio_is_the_median_round_with_a_bootstrap_interval():
+    from benchmarks.timing import paired_ratio
+
+    gen = torch.Generator().manual_seed(1)
+    reference = (1.0 + torch.rand(9, generator=gen)).tolist()
+    drift = (1.0 + torch.rand(9, generator=gen)).tolist()  # a machine that slows both sides alike
+    values = [1.25 * r * d for r, d in zip(reference, drift)]
+    references = [r * d for r, d in zip(reference, drift)]
+    estimate, (low, high) = paired_ratio(values, references)
+    assert estimate == pytest.approx(1.25) and low == pytest.approx(1.25) and high == pytest.approx(1.25)
+    noisy = [v * (1.0 + 0.2 * (i % 3 - 1)) for i, v in enumerate(values)]  # ratios 1.0, 1.25 and 1.5
+    ratios = sorted(n / r for n, r in zip(noisy, references))
+    estimate, (low, high) = paired_ratio(noisy, references)
+    assert estimate == pytest.approx(ratios[4]) and ratios[0] <= low < estimate < high <= ratios[-1]
+    assert paired_ratio(values[:2], references[:2])[1] is None  # too few rounds for an interval
+    assert paired_ratio(values[:3], references) == (None, None)  # a strategy that failed mid-way
+    with pytest.raises(ValueError, match="rounds"):
+        load_config(TINY, ["layer.rounds=0"])
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
