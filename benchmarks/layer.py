@@ -252,14 +252,17 @@ def time_rounds(measured: dict[str, tuple[dict[str, Any], Callable[[], None] | N
                 device: torch.device, layers_per_call: int) -> None:
     """Time the prepared strategies of one cell in ``layer.rounds`` interleaved rounds, one median
     measurement of each per round (so that a drift of the machine hits them all): ms_rounds per strategy
-    (per decoder layer: the call's time over ``layers_per_call``), ms the median round."""
-    for _ in range(cfg.layer.rounds):
-        for values, layer_call in measured.values():
-            if layer_call is not None and values["error"] is None:
-                try:
-                    values["ms_rounds"].append(time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms) / layers_per_call)
-                except Exception as err:  # a strategy failing mid-way keeps its error, the others go on
-                    values["error"] = error_text(err)
+    (per decoder layer: the call's time over ``layers_per_call``), ms the median round. Inference: no
+    gradients are recorded."""
+    with torch.no_grad():
+        for _ in range(cfg.layer.rounds):
+            for values, layer_call in measured.values():
+                if layer_call is not None and values["error"] is None:
+                    try:
+                        ms = time_ms(layer_call, device, cfg.warmup_ms, cfg.rep_ms)
+                        values["ms_rounds"].append(ms / layers_per_call)
+                    except Exception as err:  # a strategy failing mid-way keeps its error, the others go on
+                        values["error"] = error_text(err)
     for values, _ in measured.values():
         if values["error"] is None and values["ms_rounds"]:
             values["ms"] = statistics.median(values["ms_rounds"])

@@ -172,7 +172,7 @@ def test_bad_settings_name_the_culprit(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_weight_sets_time_distinct_layers_each_with_its_own_gates():
+def test_weight_sets_time_distinct_layers_each_with_its_own_gates(monkeypatch):
     from benchmarks import layer
 
     cfg = load_config(TINY, ["layer.tokens=[3]", "layer.routings=[skewed]", "layer.weight_sets=2"])
@@ -184,8 +184,16 @@ def test_weight_sets_time_distinct_layers_each_with_its_own_gates():
     inputs, directions = layer.make_hidden(sets[0], 3, "skewed", torch.float32, device, gen)
     gates = [layer.routing_gates(projections, directions, "skewed") for projections in sets]
     builts = [{}, {}]
+    real_time_ms, grad_enabled = layer.time_ms, []
+
+    def time_ms(fn, *args):  # the timed calls are inference: MeteoRALinear's eager fast path, not autograd's
+        grad_enabled.append(torch.is_grad_enabled())
+        return real_time_ms(fn, *args)
+
+    monkeypatch.setattr(layer, "time_ms", time_ms)
     values = layer.measure_strategy("meteora", list(zip(sets, gates, builts)), inputs, cfg, device)
     assert values["error"] is None and values["err"] < 1e-5 and values["ms"] > 0
+    assert grad_enabled == [False] * cfg.layer.rounds
     for built, set_gates in zip(builts, gates):  # each set's MeteoRA layers route with that set's gates
         assert [torch.equal(m.gate.weight, g) for m, g in zip(built["meteora"], set_gates)] == [True] * len(set_gates)
     cells = run(cfg, log=lambda line: None)["layer"]
