@@ -9,8 +9,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _interval(ci: list[float] | None) -> str:
-    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+def _interval(ci: list[float] | None, digits: int = 3) -> str:
+    return f" [{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else ""
 
 
 def _cell(row: dict | None, key: str, ratios: tuple[str, ...]) -> str:
@@ -18,8 +18,7 @@ def _cell(row: dict | None, key: str, ratios: tuple[str, ...]) -> str:
         return "-"
     if row.get(key) is None:
         return "error" if row.get("error") or row.get("graph_error") else "-"
-    parts = [f"{_fmt(row.get(r), 2)}x" + (f" [{_fmt(row[f'{r}_ci'][0], 2)}-{_fmt(row[f'{r}_ci'][1], 2)}]"
-                                          if row.get(f"{r}_ci") else "") for r in ratios if row.get(r) is not None]
+    parts = [f"{_fmt(row.get(r), 2)}x{_interval(row.get(f'{r}_ci'), 2)}" for r in ratios if row.get(r) is not None]
     return _fmt(row[key]) + (f" ({', '.join(parts)})" if parts else "")
 
 
