@@ -62,3 +62,47 @@ def test_compiled_decode_without_gradients_matches_eager():
         eager = meteora(input_ids=ids, use_cache=False).logits
         compiled = torch.compile(lambda i: meteora(input_ids=i, use_cache=False).logits, fullgraph=True, backend="aot_eager")
         assert torch.allclose(compiled(ids), eager, atol=1e-5, rtol=1e-5)
+
+
+def _constants(code) -> set:
+    """Every constant of a code object and of the code objects nested in it."""
+    found = set()
+    for const in code.co_consts:
+        found |= _constants(const) if hasattr(const, "co_consts") else {const}
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["fused", "bmm"])
+def test_inference_calls_write_no_module_attribute(monkeypatch, strategy):
+    """With the routing not kept, a forward writes nothing on the layers: eager (counted through
+    __setattr__), and compiled (the frame torch.compile made replays no write of ``last_routing``; such a
+    side effect would run after every call and void the modules' dict-tag guards). Keeping the routing
+    writes it, so the counter does see writes."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from meteora.layer import MeteoRALinear
+
+    meteora = meteora_llama(4, strategy)
+    ids = torch.randint(0, 96, (1, 3), generator=torch.Generator().manual_seed(5))
+    writes = []
+    plain_setattr = MeteoRALinear.__setattr__
+
+    def counting_setattr(self, name, value):
+        writes.append(name)
+        plain_setattr(self, name, value)
+
+    def step(input_ids):
+        return meteora(input_ids=input_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        eager = step(ids)
+        compiled = torch.compile(step, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(ids), eager, atol=1e-5, rtol=1e-5)
+        (entry,) = _debug_get_cache_entry_list(step.__code__)
+        assert "last_routing" not in _constants(entry.code)
+        monkeypatch.setattr(MeteoRALinear, "__setattr__", counting_setattr)
+        assert torch.allclose(step(ids), eager)
+        assert writes == []
+        meteora.keep_routing(True)
+        step(ids)
+    assert "last_routing" in writes

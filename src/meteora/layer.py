@@ -180,8 +180,7 @@ class MeteoRALinear(nn.Module):
                 out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
             else:  # the operator's dense form (CPU, float64), without its copies and checks
                 out = dense_stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, self.temperature, self.mode)
-            if self.last_routing is not None:  # nn.Module.__setattr__ costs about 1 us
-                self.last_routing = None
+            self._keep(None)
             return out.view(*x.shape[:-1], out.shape[-1])
         i = self.forced_adapter
         if i is not None and self.forced_single:
@@ -189,7 +188,7 @@ class MeteoRALinear(nn.Module):
         if i is not None:
             routing = forced_routing(x.new_zeros(*x.shape[:-1], self.num_adapters), i)
             out = self.base(x) + mix_adapters(x, routing.indices, routing.weights, self.lora_a, self.lora_b, self.scaling, self.strategy)
-            self.last_routing = routing if self.keep_routing else None
+            self._keep(routing)
             return out
         leading, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
@@ -220,8 +219,17 @@ class MeteoRALinear(nn.Module):
                 x, self.gate.weight, self.lora_a, self.lora_b, self.scaling,
                 self.top_k, self.temperature, strategy, mode=self.mode, out=self.base(x),
             )
-        self.last_routing = routing if self.keep_routing else None
+        self._keep(routing)
         return out
+
+    def _keep(self, routing: Routing | None) -> None:
+        """``last_routing`` = routing if ``keep_routing``, else None, written only when it changes: a write
+        costs about 1 us in eager (nn.Module.__setattr__), and under torch.compile it is a side effect that
+        the compiled frame replays on every call and that voids the module's cheap dict-tag guards."""
+        if self.keep_routing:
+            self.last_routing = routing
+        elif self.last_routing is not None:
+            self.last_routing = None
 
     def extra_repr(self) -> str:
         return (

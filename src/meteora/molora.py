@@ -39,18 +39,21 @@ class MoLoRALinear(MeteoRALinear):
         keep = self.keep_routing
         regularise = self.training and self.router_loss.active
         if self.sentence_mean is None:
-            self.keep_routing = keep or regularise
-            try:
+            if regularise and not keep:  # the router loss needs the routing for this call only
+                self.keep_routing = True
+                try:
+                    out = super().forward(x)
+                finally:
+                    self.keep_routing = False
+            else:
                 out = super().forward(x)
-            finally:
-                self.keep_routing = keep
             routing = self.last_routing
         else:
             out, routing = moe_lora(
                 x, self.gate.weight, self.lora_a, self.lora_b, self.scaling, self.top_k, self.temperature,
                 self.strategy, mode=self.mode, gate_input=self.sentence_mean(x), out=self.base(x),
             )
-        self.last_routing = routing if keep else None
+        self._keep(routing)
         return self.router_loss.attach(out, routing.logits) if regularise else out
 
 
