@@ -290,9 +290,7 @@ def _route_gather_kernel(
     """Route one token (a top-k mode) and write (base +) sum_j w_j s_e B_e h_te over its k chosen adapters e
     for a block of output columns, reading only those adapters' R rows of B_flat; one program per (token,
     block of columns). Arguments as for ``_route_expand_kernel``. The products w s h are rounded to DTYPE
-    before they meet B, as in the other regimes. Everything that does not depend on the routing (the
-    token's logits, its whole h row, the scales, the base block) is loaded up front, so that only B waits
-    for the routing: two dependent memory round trips, not four."""
+    before they meet B, as in the other regimes."""
     gl_ptr += col_gl
     h_ptr += col_h
     base_ptr += col_base
@@ -301,30 +299,25 @@ def _route_gather_kernel(
     rows = t + tl.arange(0, 1)
     rmask = rows < T
     gcols = tl.arange(0, NP)
-    gmask = gcols < N
     kcols = tl.arange(0, KP)
+    logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
+    coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
+    if STORE_ROUTING and pid_n == 0:
+        _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+
     ncols = pid_n * BN + tl.arange(0, BN)
     nmask = ncols < DOUT
     q = tl.arange(0, RP)
     qmask = q < R
-    logits = _load_logits(gl_ptr, rows, rmask, gcols, N, stride_gl_t)
-    h_all = tl.load(h_ptr + t * stride_h_t + gcols[:, None] * R + q[None, :], mask=gmask[:, None] & qmask[None, :],
-                    other=0.0).to(tl.float32)  # (NP, RP): row e is h_te
-    scales = tl.load(scale_ptr + gcols, mask=gmask, other=0.0)
-    if HAS_BASE:
-        acc = tl.load(base_ptr + t * stride_base_t + ncols, mask=nmask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BN,), dtype=tl.float32)
-    coef, _probs, _chosen, idx, w = _route(logits, gcols, N, inv_temp, K, KP, MODE)
-    if STORE_ROUTING and pid_n == 0:
-        _store_routing(logits_ptr, idx_ptr, w_ptr, rows, rmask, gcols, kcols, logits, coef, idx, w, N, MODE, K)
+    acc = tl.zeros((BN,), dtype=tl.float32)
     for j in tl.static_range(K):
         e = tl.sum(tl.where(kcols[None, :] == j, idx, 0))
-        pick = gcols == e
-        c = tl.sum(tl.where(kcols[None, :] == j, w, 0.0)) * tl.sum(tl.where(pick, scales, 0.0))
-        h = tl.sum(tl.where(pick[:, None], h_all, 0.0), axis=0)
+        c = tl.sum(tl.where(kcols[None, :] == j, w, 0.0)) * tl.load(scale_ptr + e)
+        h = tl.load(h_ptr + t * stride_h_t + e * R + q, mask=qmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + (e * R + q)[:, None] * DOUT + ncols[None, :], mask=qmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.sum((c * h).to(DTYPE).to(tl.float32)[:, None] * b.to(tl.float32), axis=0)
+    if HAS_BASE:
+        acc += tl.load(base_ptr + t * stride_base_t + ncols, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * DOUT + ncols, acc.to(DTYPE), mask=nmask)
 
 
