@@ -2,7 +2,8 @@
 CUDA graph in mode ``graphs``) and ``model.generate`` decode ms/token at each batch size (eager with the
 default dynamic cache; mode ``compiled``: a static cache and Hugging Face's compiled decode step,
 ``torch.compile(mode="reduce-overhead")``). Decode ms/token = (generate of 1 + n new tokens - generate of
-1 new token) / n, so the prompt's prefill cancels. Rounds interleave the systems; a row is the median round.
+1 new token) / n, so the prompt's prefill cancels. Rounds interleave the systems; a row is the median round,
+its ratios the median per-round ratio with a 95% bootstrap interval over the rounds.
 A system or mode that fails is a row with its error; the eager rows run before any compiled one.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from .config import DTYPES, BenchConfig
 from .systems import build_system
-from .timing import error_text, ratio, time_call_s, time_graph_ms, time_ms
+from .timing import error_text, paired_ratio, ratio, time_call_s, time_graph_ms, time_ms
 
 MODES = ("eager", "compiled", "graphs")
 
@@ -60,6 +61,20 @@ def decode_ms_per_token(
         long = time_call_s(_generate(model, prompt, 1 + new_tokens, extra), min_run_s)
         short = time_call_s(_generate(model, prompt, 1, extra), min_run_s)
     return (long - short) * 1e3 / new_tokens
+
+
+def add_model_ratios(rows: list[dict]) -> None:
+    """x_bare and x_peft_lora of every row: decode rows with rounds, the median of the per-round ratios
+    (the systems of a round run side by side) and its interval x_<reference>_ci; prefill rows, the ratio of
+    the medians."""
+    index = {(r["system"], r["phase"], r["batch"], r["mode"]): r for r in rows}
+    for r in rows:
+        for reference in ("bare", "peft_lora"):
+            ref = index.get((reference, r["phase"], r["batch"], r["mode"]), {})
+            if r.get("ms_rounds") and ref.get("ms_rounds"):
+                r[f"x_{reference}"], r[f"x_{reference}_ci"] = paired_ratio(r["ms_rounds"], ref["ms_rounds"])
+            else:
+                r[f"x_{reference}"] = ratio(r["ms"], ref.get("ms"))
 
 
 def run_model(
@@ -141,10 +156,7 @@ def run_model(
                 if rounds[name]:
                     rows[-1]["ms_rounds"] = rounds[name]
             gc.collect()
-    index = {(r["system"], r["phase"], r["batch"], r["mode"]): r["ms"] for r in rows}
-    for r in rows:
-        for reference in ("bare", "peft_lora"):
-            r[f"x_{reference}"] = ratio(r["ms"], index.get((reference, r["phase"], r["batch"], r["mode"])))
+    add_model_ratios(rows)
     del systems
     gc.collect()
     if device.type == "cuda":

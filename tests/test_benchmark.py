@@ -147,6 +147,26 @@ def test_paired_ratio_is_the_median_round_with_a_bootstrap_interval():
         load_config(TINY, ["layer.rounds=0"])
 
 
+def test_model_ratios_pair_decode_rounds_and_divide_prefill_medians():
+    from benchmarks.model import add_model_ratios
+
+    gen = torch.Generator().manual_seed(2)
+    drift = (1.0 + torch.rand(5, generator=gen)).tolist()  # each round slower or faster for every system
+    bare = [2.0 * d for d in drift]
+    rows = [
+        {"system": "bare", "phase": "decode", "batch": 1, "mode": "compiled", "ms": 3.0, "ms_rounds": bare},
+        {"system": "meteora", "phase": "decode", "batch": 1, "mode": "compiled", "ms": 3.3,
+         "ms_rounds": [1.1 * b for b in bare]},
+        {"system": "bare", "phase": "prefill", "batch": 1, "mode": "eager", "ms": 8.0},
+        {"system": "meteora", "phase": "prefill", "batch": 1, "mode": "eager", "ms": 10.0},
+    ]
+    add_model_ratios(rows)
+    decode, prefill = rows[1], rows[3]
+    assert decode["x_bare"] == pytest.approx(1.1) and decode["x_bare_ci"] == pytest.approx([1.1, 1.1])
+    assert prefill["x_bare"] == pytest.approx(1.25) and "x_bare_ci" not in prefill
+    assert decode["x_peft_lora"] is None and rows[0]["x_bare"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
 def test_every_profile_loads(profile):
     cfg = load_config(profile)
