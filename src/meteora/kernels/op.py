@@ -175,13 +175,15 @@ torch.library.register_autograd("meteora::moe_lora", _backward, setup_context=_s
 class _EagerMoELoRA(torch.autograd.Function):
     """The operator's forward and autograd formula without the dispatcher, for eager training: the same
     implementation, context and backward, minus the Python layers of ``register_autograd`` and two
-    dispatcher calls per projection."""
+    dispatcher calls per projection. The context is set up inside ``forward``: with a separate
+    ``setup_context``, ``Function.apply`` binds the arguments through ``inspect.signature`` on every call."""
 
     @staticmethod
-    def forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode):
-        return moe_lora_impl(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode):
+        inputs = (x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k, temperature, mode)
+        output = moe_lora_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, _grad_indices, grad_weights, _grad_hidden):
