@@ -111,12 +111,12 @@ def train_table(rows: list[dict]) -> list[str]:
     lines = [
         "### Training step (whole model, forward + backward + AdamW)",
         "",
-        "| system | tokens | ms | x PEFT LoRA | peak extra MiB | error |",
+        "| system | tokens | ms | x PEFT LoRA (median per-round ratio [95% interval]) | peak extra MiB | error |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['system']} | {r['tokens']} | {_fmt(r['ms'])} | {_fmt(r.get('x_peft_lora'), 2)} | "
+            f"| {r['system']} | {r['tokens']} | {_fmt(r['ms'])} | {_fmt(r.get('x_peft_lora'), 2)}{_interval(r.get('x_peft_lora_ci'), 2)} | "
             f"{_fmt(r.get('peak_extra_mb'), 0)} | {(r.get('error') or '')[:200]} |"
         )
     return lines + [""]

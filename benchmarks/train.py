@@ -17,7 +17,7 @@ from stages.trainer import Encoded, LoopSettings, Trainer
 
 from .config import DTYPES, BenchConfig
 from .systems import build_system
-from .timing import error_text, peak_extra_mb, ratio, time_ms
+from .timing import error_text, paired_ratio, peak_extra_mb, time_ms
 
 
 def training_step(
@@ -48,7 +48,7 @@ def training_step(
 def run_train(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]) -> list[dict]:
     """Rows {system, tokens, ms, rounds_ms, peak_extra_mb, x_peft_lora, error}: every system built once, then
     ``repeats`` interleaved rounds of one measurement each (so that a drift of the machine hits them all);
-    ms is the median round."""
+    ms is the median round, x_peft_lora the median per-round ratio with its interval x_peft_lora_ci."""
     section = cfg.train
     dtype = DTYPES[section.dtype]
     shapes = cfg.shapes[section.model]
@@ -82,7 +82,10 @@ def run_train(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    single = rows["peft_lora"]["ms"] if "peft_lora" in rows else None
+    single = rows.get("peft_lora", {})
     for row in rows.values():
-        row["x_peft_lora"] = ratio(row["ms"], single)
+        if row["ms"] is not None and single.get("ms") is not None:
+            row["x_peft_lora"], row["x_peft_lora_ci"] = paired_ratio(row["rounds_ms"], single["rounds_ms"])
+        else:
+            row["x_peft_lora"] = None
     return list(rows.values())
