@@ -64,8 +64,7 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
     """:func:`dense_mix`'s out, the same bits, from :class:`meteora.MeteoRALinear`'s one stacked product, for
     inference with the routing not kept (CPU): y (T, S) = x [W; A_flat; W_g; 0]^T, columns [0, d_out) the base
     output, [d_out, d_out + N r) h, then the N gate logits; lora_b_rows (N, r, d_out) contiguous (B_flat);
-    scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype: from two tokens on, y's
-    base block itself (a view with row stride S; y is overwritten there).
+    scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype.
 
     The same operations as :func:`dense_mix` on the same values, and no others: the logits are read in
     place, no routing is returned, and the per-call Python work is kept to the operations themselves (at one
@@ -92,7 +91,7 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
             weights = probs.gather(1, order[:, :top_k])
         coef = logits.new_zeros(logits.shape).scatter_(1, order[:, :top_k], weights).mul_(scaling.to(logits.dtype))
     mixed = (hidden.view(-1, num_adapters, rank) * coef.unsqueeze(-1)).to(y.dtype)
-    return base.addmm_(mixed.view(-1, nr), lora_b_rows.view(nr, d_out))  # into y: no output to allocate or copy
+    return torch.addmm(base, mixed.view(-1, nr), lora_b_rows.view(nr, d_out))
 
 
 def one_token_routing(logits: list[float], top_k: int, temperature: float, mode: str) -> tuple[list[int], list[float]]:
