@@ -180,7 +180,8 @@ class MeteoRALinear(nn.Module):
                 out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
             else:  # the operator's dense form (CPU, float64), without its copies and checks
                 out = dense_stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, self.temperature, self.mode)
-            self._keep(None)
+            if self.last_routing is not None:  # keep_routing is off on this path; a write costs about 1 us
+                self.last_routing = None
             return out.view(*x.shape[:-1], out.shape[-1])
         i = self.forced_adapter
         if i is not None and self.forced_single:
