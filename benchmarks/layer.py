@@ -4,7 +4,8 @@ Strategies: ``base`` (the base linears alone), ``single`` (base + one LoRA in pl
 (PEFT's LoRA layers, one adapter), ``meteora`` (:class:`meteora.MeteoRALinear` layers from
 :func:`meteora.attach_meteora`, strategy ``auto``; ``meteora_unstacked``: the same with ``stack_weights=False``,
 three products per projection instead of one; ``meteora_routed``: stacked, with the routing kept on every
-call as gate training and routing traces run it, so off the eager inference path), any :func:`meteora.moe_lora`
+call as gate training and routing traces run it, so off the eager inference path; ``meteora_given``: its two
+products with the routing computed beforehand, the cost with the routing free), any :func:`meteora.moe_lora`
 strategy (base + the mixture's delta) and ``<strategy>_out`` (``moe_lora(..., out=base)``: the delta added into the base
 output). Per cell: median ms of the layer (eager and, on CUDA, replayed from a CUDA graph), ratios to
 ``single``, ``peft`` and ``base``, peak extra memory, and the relative error against float64 computed from
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meteora import AdapterBank, MeteoRALinear, Routing, StackedLoRA, attach_meteora, lora_delta, moe_lora
+from meteora import AdapterBank, MeteoRALinear, Routing, StackedLoRA, attach_meteora, lora_delta, moe_lora, route
 from meteora.ops import STRATEGIES as MOE_STRATEGIES
 
 from .config import DTYPES, BenchConfig, Shapes
@@ -178,6 +179,8 @@ def runner(
             built["peft"] = peft_block(projections, cfg)
         block = built["peft"]
         return lambda i, x: (getattr(block, projections[i].name)(x), None)
+    if strategy == "meteora_given":
+        return _given_routing_runner(projections, gates, cfg, built)
     if strategy in METEORA_STRATEGIES:
         if strategy not in built:
             built[strategy] = meteora_layers(projections, cfg, stack_weights=strategy != "meteora_unstacked")
@@ -207,6 +210,31 @@ def runner(
         return base + delta, routing
 
     return mix
+
+
+def _given_routing_runner(projections: list[Projection], gates: list[torch.Tensor], cfg: BenchConfig,
+                          built: dict[str, Any]) -> Runner:
+    """``meteora_given``: MeteoRA's stacked product and B product with the routing computed beforehand (once
+    per projection and input, outside the timed call): the layer's cost with the routing free, a floor for
+    ``meteora`` on hosts where each small tensor operation costs microseconds."""
+    if "meteora" not in built:
+        built["meteora"] = meteora_layers(projections, cfg)
+    layers = built["meteora"]
+    given: dict[tuple[int, int], tuple[torch.Tensor, Routing]] = {}
+
+    def run(i: int, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        layer, d_out = layers[i], projections[i].weight.shape[0]
+        n, r = layer.lora_a.shape[:2]
+        if (i, id(x)) not in given:
+            routing = route(F.linear(x, gates[i]).float(), cfg.top_k)
+            coef = torch.zeros_like(routing.logits).scatter_(1, routing.indices, routing.weights) * layer.scaling
+            given[i, id(x)] = coef.repeat_interleave(r, dim=1).to(x.dtype), routing
+        coef, routing = given[i, id(x)]
+        y = F.linear(x, layer._stack, layer._stack_bias)
+        out = torch.addmm(y[:, :d_out], y[:, d_out:d_out + n * r] * coef, layer.lora_b_rows.view(n * r, d_out))
+        return out, routing
+
+    return run
 
 
 def reference_output(

@@ -176,10 +176,12 @@ class MeteoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast_inference(x):  # one GEMM, then the mixture read from it
             y = F.linear(x.reshape(-1, x.shape[-1]), self._stack, self._stack_bias)
+            # B and the scaling read through the dictionaries (an nn.Module attribute lookup is ~1 us on a CPU)
+            lora_b_rows, scaling = self._parameters["lora_b_rows"], self._buffers["scaling"]
             if x.is_cuda and x.dtype in SUPPORTED_DTYPES:  # one launch (StackedMix)
-                out = self._stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, float(self.temperature), self.mode)
+                out = self._stacked_mix(y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
             else:  # the operator's dense form (CPU, float64), without its copies and checks
-                out = dense_stacked_mix(y, self.lora_b_rows, self.scaling, self.top_k, self.temperature, self.mode)
+                out = dense_stacked_mix(y, lora_b_rows, scaling, self.top_k, self.temperature, self.mode)
             if self.last_routing is not None:  # keep_routing is off on this path; a write costs about 1 us
                 self.last_routing = None
             return out.view(*x.shape[:-1], out.shape[-1])

@@ -71,27 +71,27 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
     token on a CPU each one costs about as much as the arithmetic). One token in a top-k mode goes through
     :func:`_one_token_mix` instead (the same routing; the output within rounding)."""
     num_adapters, rank, d_out = lora_b_rows.shape
-    nr = num_adapters * rank
-    if y.shape[0] == 1 and mode != "soft":
+    num_tokens, nr = y.shape[0], num_adapters * rank
+    if num_tokens == 1 and mode != "soft":
         out = _one_token_mix(y, lora_b_rows, scaling, top_k, temperature, mode)
         if out is not None:
             return out
-    base, hidden, logits, _ = y.split([d_out, nr, num_adapters, y.shape[1] - d_out - nr - num_adapters], 1)
+    start = d_out + nr
+    logits = y[:, start:start + num_adapters]
     if logits.dtype != torch.float64:
         logits = logits.float()
     if mode == "soft":
         coef = scaled_logits(logits, temperature).softmax(-1).mul_(scaling.to(logits.dtype))
     else:
+        top, order = logits.sort(dim=-1, descending=True, stable=True)
         if mode == "topk":
-            top, order = logits.sort(dim=-1, descending=True, stable=True)
             weights = scaled_logits(top[:, :top_k], temperature).softmax(-1)
         else:
-            probs = scaled_logits(logits, temperature).softmax(-1)
-            top, order = logits.sort(dim=-1, descending=True, stable=True)
-            weights = probs.gather(1, order[:, :top_k])
-        coef = logits.new_zeros(logits.shape).scatter_(1, order[:, :top_k], weights).mul_(scaling.to(logits.dtype))
-    mixed = (hidden.view(-1, num_adapters, rank) * coef.unsqueeze(-1)).to(y.dtype)
-    return torch.addmm(base, mixed.view(-1, nr), lora_b_rows.view(nr, d_out))
+            weights = scaled_logits(logits, temperature).softmax(-1).gather(1, order[:, :top_k])
+        coef = logits.new_zeros(num_tokens, num_adapters).scatter_(1, order[:, :top_k], weights)
+        coef = coef.mul_(scaling.to(logits.dtype))
+    mixed = (y[:, d_out:start].view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(y.dtype)
+    return torch.addmm(y[:, :d_out], mixed.view(num_tokens, nr), lora_b_rows.view(nr, d_out))
 
 
 def one_token_routing(logits: list[float], top_k: int, temperature: float, mode: str) -> tuple[list[int], list[float]]:
