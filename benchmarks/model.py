@@ -2,8 +2,9 @@
 CUDA graph in mode ``graphs``) and ``model.generate`` decode ms/token at each batch size (eager with the
 default dynamic cache; mode ``compiled``: a static cache and Hugging Face's compiled decode step,
 ``torch.compile(mode="reduce-overhead")``). Decode ms/token = (generate of 1 + n new tokens - generate of
-1 new token) / n, so the prompt's prefill cancels. Rounds interleave the systems; a row is the median round,
-its ratios the median per-round ratio with a 95% bootstrap interval over the rounds.
+1 new token) / n, so the prompt's prefill cancels. Eager prefill and decode run in ``repeats`` rounds that
+interleave the systems; a row is the median round, its ratios the median per-round ratio with a 95% bootstrap
+interval over the rounds (prefill replayed from a CUDA graph: one measurement, the ratio of medians).
 A system or mode that fails is a row with its error; the eager rows run before any compiled one.
 """
 
@@ -48,6 +49,11 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int, extra: dict[str, Any
     )
 
 
+def _prefill(model, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One forward of the prompt ``ids`` (1, T) without a cache, the last position's logits kept."""
+    return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+
 def decode_ms_per_token(
     model, prompt: torch.Tensor, new_tokens: int, extra: dict[str, Any], min_run_s: float, warmup: bool = False
 ) -> float | None:
@@ -64,9 +70,9 @@ def decode_ms_per_token(
 
 
 def add_model_ratios(rows: list[dict]) -> None:
-    """x_bare and x_peft_lora of every row: decode rows with rounds, the median of the per-round ratios
-    (the systems of a round run side by side) and its interval x_<reference>_ci; prefill rows, the ratio of
-    the medians."""
+    """x_bare and x_peft_lora of every row: rows with rounds (eager prefill, decode), the median of the
+    per-round ratios (the systems of a round run side by side) and its interval x_<reference>_ci; rows
+    without (prefill replayed from a CUDA graph), the ratio of the medians."""
     index = {(r["system"], r["phase"], r["batch"], r["mode"]): r for r in rows}
     for r in rows:
         for reference in ("bare", "peft_lora"):
@@ -112,18 +118,25 @@ def run_model(
         for b in section.batches
     }
 
-    for name, model in systems.items():
-
-        def forward(model=model) -> torch.Tensor:
-            return model(input_ids=prefill, use_cache=False, logits_to_keep=1).logits
-
-        try:
-            with torch.no_grad():
-                add(name, "prefill", 1, "eager", time_ms(forward, device, cfg.warmup_ms, cfg.rep_ms), None)
-                if "graphs" in section.modes and device.type == "cuda":
-                    add(name, "prefill", 1, "graphs", *time_graph_ms(forward, cfg.rep_ms))
-        except Exception as err:
-            add(name, "prefill", 1, "eager", None, error_text(err))
+    forwards = {name: _prefill(model, prefill) for name, model in systems.items()}
+    prefill_rounds: dict[str, list[float]] = {name: [] for name in systems}
+    prefill_errors: dict[str, str] = {}
+    with torch.no_grad():
+        for _ in range(section.repeats):  # eager rounds, interleaved as the decode rounds are
+            for name, forward in forwards.items():
+                if name not in prefill_errors:
+                    try:
+                        prefill_rounds[name].append(time_ms(forward, device, cfg.warmup_ms, cfg.rep_ms))
+                    except Exception as err:
+                        prefill_errors[name] = error_text(err)
+        for name, forward in forwards.items():
+            if name in prefill_errors or not prefill_rounds[name]:
+                add(name, "prefill", 1, "eager", None, prefill_errors.get(name, "no rounds (model.repeats=0)"))
+                continue
+            add(name, "prefill", 1, "eager", statistics.median(prefill_rounds[name]), None)
+            rows[-1]["ms_rounds"] = prefill_rounds[name]
+            if "graphs" in section.modes and device.type == "cuda":
+                add(name, "prefill", 1, "graphs", *time_graph_ms(forward, cfg.rep_ms))
 
     for mode in [m for m in section.modes if m != "graphs"]:
         if mode == "compiled" and device.type != "cuda":

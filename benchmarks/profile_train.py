@@ -1,7 +1,8 @@
 """Where the time of one whole-model training step goes (the benchmark's train section): per system, the
-step's median ms; for MeteoRA also the step without the routing-accuracy bookkeeping, forward + backward
-alone and the forward alone; then the step's device kernels and host calls from torch.profiler, and the
-Python functions that take the most host time (cProfile). A diagnostic, printed, not a result:
+step's median ms and its spread over single steps with the garbage collector on and off; for MeteoRA also
+the step without the routing-accuracy bookkeeping, forward + backward alone and the forward alone; then
+the step's device kernels and host calls from torch.profiler, and the Python functions that take the most
+host time (cProfile). A diagnostic, printed, not a result:
     PYTHONPATH=src:. python3 benchmarks/profile_train.py [--config conf/benchmark/gpu.yaml] [--device cuda] [key=value ...]
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import pstats
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -50,6 +54,45 @@ def python_hotspots(step, sync, steps: int = 5, rows: int = 25) -> str:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
     return text.getvalue()
+
+
+def timed_steps(step, sync, steps: int, collect: bool) -> tuple[list[float], dict[int, list[float]]]:
+    """Wall ms of ``steps`` single steps (synchronised after each) and the ms of every garbage collection
+    that ran during them, per generation; the collector off unless ``collect``."""
+    collections: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = []
+
+    def track(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collections[info["generation"]].append((time.perf_counter() - started.pop()) * 1e3)
+
+    times = []
+    gc.callbacks.append(track)
+    if not collect:
+        gc.disable()
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        gc.enable()
+        gc.callbacks.remove(track)
+    return times, collections
+
+
+def step_spread(step, sync, steps: int = 40) -> str:
+    """:func:`timed_steps` with the collector on, then off: min, median, p90 and max ms, and the collections."""
+    lines = []
+    for collect in (True, False):
+        times, collections = timed_steps(step, sync, steps, collect)
+        gcs = ", ".join(f"gen{g} {len(v)}x {sum(v):.1f} ms" for g, v in collections.items())
+        lines.append(f"  gc {'on ' if collect else 'off'}: min {min(times):.2f} median {statistics.median(times):.2f} "
+                     f"p90 {statistics.quantiles(times, n=10)[-1]:.2f} max {max(times):.2f} ms; collections: {gcs}")
+    return "\n".join(lines)
 
 
 def meteora_parts(name: str, model, ids: torch.Tensor, task_ids: torch.Tensor, cfg: BenchConfig, step, device) -> None:
@@ -94,6 +137,7 @@ def profile_system(name: str, cfg: BenchConfig, device: torch.device) -> None:
         for _ in range(5):
             step()
         sync()
+    print(f"{name}: single steps\n{step_spread(step, sync)}", flush=True)
     print(f"{name}: device kernels per step\n{table(prof, 5, 'self_device_time_total')}")
     print(f"{name}: host calls per step\n{table(prof, 5, 'self_cpu_time_total')}", flush=True)
     print(f"{name}: Python host time over 5 steps\n{python_hotspots(step, sync)}", flush=True)
