@@ -106,3 +106,23 @@ def test_inference_calls_write_no_module_attribute(monkeypatch, strategy):
         meteora.keep_routing(True)
         step(ids)
     assert "last_routing" in writes
+
+
+def test_compiled_inference_guards_few_layer_attributes():
+    """Every attribute the traced forward reads is a guard checked on each call of the compiled model (the
+    host time of compiled decode): the inference path reads the stack, B and the routing settings, and
+    neither A, the base linear, the gate nor a helper method."""
+    meteora = meteora_llama(6, "fused")
+    ids = torch.randint(0, 96, (1, 3), generator=torch.Generator().manual_seed(7))
+
+    def step(input_ids):
+        return meteora(input_ids=input_ids, use_cache=False).logits
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(step)(ids)
+    assert explained.graph_break_count == 0
+    marker = "._modules['q_proj']"
+    read = {g.name.split(marker, 1)[1] for g in explained.out_guards if marker in g.name}
+    assert "._stack" in read and "._parameters['lora_b_rows']" in read  # the guards are those of the layers
+    for unwanted in ("lora_a", "_modules['base']", "_modules['gate']", "_fast_inference", "_records_grad", "_keep("):
+        assert not any(unwanted in name for name in read), (unwanted, sorted(read))

@@ -163,10 +163,10 @@ class MeteoRALinear(nn.Module):
                                             or self.lora_b_rows.requires_grad)
 
     def _fast_inference(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the eager inference path: stacked weights in x's dtype, no gradients, no
-        tracing, the routing not kept, and the fused strategy (itself or what "auto" picks)."""
+        """Whether this eager call (the caller rules out tracing) takes the inference path: stacked weights in
+        x's dtype, no gradients, the routing not kept, and the fused strategy (itself or what "auto" picks)."""
         if (self.forced_adapter is not None or self.keep_routing or self._stack is None or x.dtype != self._stack.dtype
-                or torch.compiler.is_compiling() or self._records_grad(x)):
+                or self._records_grad(x)):
             return False
         strategy = self.strategy
         if strategy == "auto":
@@ -174,7 +174,10 @@ class MeteoRALinear(nn.Module):
         return strategy == "fused" and x.numel() > 0 and self._stack_is_live()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_inference(x):  # one GEMM, then the mixture read from it
+        # Under torch.compile each attribute read below is a guard checked on every call of the compiled
+        # model, so the traced path reads few (no helper methods, no lora_a, no base): see test_compile.
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._fast_inference(x):  # one GEMM, then the mixture read from it
             y = F.linear(x.reshape(-1, x.shape[-1]), self._stack, self._stack_bias)
             # B and the scaling read through the dictionaries (an nn.Module attribute lookup is ~1 us on a CPU)
             lora_b_rows, scaling = self._parameters["lora_b_rows"], self._buffers["scaling"]
@@ -196,17 +199,21 @@ class MeteoRALinear(nn.Module):
         leading, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         strategy = self.strategy
-        grad = self._records_grad(x)
+        grad = torch.is_grad_enabled() and self._records_grad(x)
         if strategy == "auto":
             strategy = auto_strategy(x.device.type, x.dtype, grad, x2.shape[0])
-        live = self._stack is not None if torch.compiler.is_compiling() else self._stack_is_live()
-        if strategy == "fused" and x.dtype == self.lora_a.dtype and live and not grad:
+        stack = self._stack
+        live = stack is not None if compiling else self._stack_is_live()
+        if strategy == "fused" and live and not grad and x.dtype == stack.dtype:
             # one GEMM for the base output, every A and the gate logits, then one launch
-            d_out, nr = self.base.out_features, self.lora_a.shape[0] * self.lora_a.shape[1]
-            y = F.linear(x2, self._stack, self._stack_bias)
-            base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + self.num_adapters]
+            lora_b_rows = self.lora_b_rows
+            num_adapters, rank, d_out = lora_b_rows.shape
+            nr = num_adapters * rank
+            y = F.linear(x2, stack, self._stack_bias)
+            base, hidden, gate_logits = y[:, :d_out], y[:, d_out:d_out + nr], y[:, d_out + nr:d_out + nr + num_adapters]
             out, logits, indices, weights = moe_lora_mix_op(
-                gate_logits, hidden, self.lora_b, self.scaling, base, self.top_k, float(self.temperature), self.mode,
+                gate_logits, hidden, lora_b_rows.permute(0, 2, 1), self.scaling, base, self.top_k, float(self.temperature),
+                self.mode,
             )
             out = out.reshape(*leading, out.shape[-1])
             routing = Routing(logits, indices, weights).reshape(*leading) if self.keep_routing else None
@@ -222,7 +229,8 @@ class MeteoRALinear(nn.Module):
                 x, self.gate.weight, self.lora_a, self.lora_b, self.scaling,
                 self.top_k, self.temperature, strategy, mode=self.mode, out=self.base(x),
             )
-        self._keep(routing)
+        if self.keep_routing or self.last_routing is not None:
+            self._keep(routing)
         return out
 
     def _keep(self, routing: Routing | None) -> None:
