@@ -49,7 +49,7 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int, extra: dict[str, Any
     )
 
 
-def _prefill(model, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+def prefill_forward(model, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One forward of the prompt ``ids`` (1, T) without a cache, the last position's logits kept."""
     return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
 
@@ -118,7 +118,7 @@ def run_model(
         for b in section.batches
     }
 
-    forwards = {name: _prefill(model, prefill) for name, model in systems.items()}
+    forwards = {name: prefill_forward(model, prefill) for name, model in systems.items()}
     prefill_rounds: dict[str, list[float]] = {name: [] for name in systems}
     prefill_errors: dict[str, str] = {}
     with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.config import DTYPES, load_config
+from benchmarks.model import prefill_forward
 from benchmarks.systems import build_system
 from benchmarks.timing import time_ms
 
@@ -43,10 +44,8 @@ def main() -> None:
     prompt = torch.randint(0, shapes.vocab, (1, section.prefill_tokens), device=device, generator=gen)
     for name in args.systems.split(","):
         model = build_system(name, cfg, shapes, section.layers, dtype, device)
+        forward = prefill_forward(model, prompt)
         with torch.no_grad():
-            def forward(model=model) -> torch.Tensor:
-                return model(input_ids=prompt, use_cache=False, logits_to_keep=1).logits
-
             ms = time_ms(forward, device, cfg.warmup_ms, cfg.rep_ms)
             device_ms, kernels, rows = kernel_table(forward)
         print(f"\n{name}: prefill 1 x {section.prefill_tokens}: {ms:.3f} ms wall, {device_ms:.3f} ms in {kernels} kernels")
