@@ -263,12 +263,13 @@ def test_stacked_mix_keeps_a_plan_of_direct_launches(monkeypatch, regime):
 @pytest.mark.parametrize("mode,top_k,dtype", [("topk", 2, torch.float32), ("soft", 1, torch.float64),
                                               ("topk_unnormalized", 3, torch.bfloat16), ("topk", 1, torch.float64)])
 def test_dense_stacked_mix_is_the_routed_path_bit_for_bit(mode, top_k, dtype, monkeypatch):
-    """Eager inference off the kernels (CPU, float64 anywhere) reads the one stacked product with
-    dense.dense_stacked_mix: the output of the path that keeps the routing (the operator's dense form), the
-    same bits, and the float64 reference within rounding."""
+    """Eager inference off the kernels without the CPU extension (float64 on a GPU; a CPU where it cannot be
+    built) reads the one stacked product with dense.dense_stacked_mix: the output of the path that keeps the
+    routing (the operator's dense form), the same bits, and the float64 reference within rounding."""
     if DEVICE == "cuda" and dtype != torch.float64:
         pytest.skip("on a GPU these dtypes take StackedMix (tested above)")
     layer, x = stacked_layer(13, 48, 24, 6, 4, top_k, dtype, mode, seed=21)
+    monkeypatch.setattr("meteora.layer.cpu_mix_extension", lambda: None)
     calls = []
     real = dense.dense_stacked_mix
     monkeypatch.setattr("meteora.layer.dense_stacked_mix", lambda *args: calls.append(1) or real(*args))
@@ -288,73 +289,6 @@ def test_dense_stacked_mix_is_the_routed_path_bit_for_bit(mode, top_k, dtype, mo
     want = base64 + torch.einsum("te,ter,edr->td", coef, h, b64)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
     assert (out.view(13, 24).double() - want).norm() <= tol * want.norm()
-
-
-@pytest.mark.parametrize("mode,top_k,dtype,temperature", [("topk", 2, torch.float32, 1.0), ("topk", 3, torch.float64, 1.5),
-                                                          ("topk_unnormalized", 2, torch.bfloat16, 1.0),
-                                                          ("topk_unnormalized", 1, torch.float32, 0.7)])
-def test_one_token_reads_only_the_chosen_adapters(mode, top_k, dtype, temperature, monkeypatch):
-    """At one token the eager path off the kernels reads only the k chosen B's: the routing of the path that
-    keeps it, and its output within rounding (a sum over k r terms instead of N r), for tokens one at a time
-    against the float64 reference."""
-    if DEVICE == "cuda" and dtype != torch.float64:
-        pytest.skip("on a GPU these dtypes take StackedMix (tested above)")
-    calls = []
-    real = dense._one_token_mix
-    monkeypatch.setattr(dense, "_one_token_mix", lambda *args: calls.append(1) or real(*args))
-    layer, xs = stacked_layer(6, 40, 56, 7, 4, top_k, dtype, mode, seed=23)
-    layer.temperature = temperature
-    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
-    b64 = layer.lora_b.double()
-    for x in xs:
-        with torch.no_grad():
-            layer.keep_routing = False
-            out = layer(x.view(1, 1, 40))
-            layer.keep_routing = True
-            routed = layer(x.view(1, 1, 40))
-        r = layer.last_routing
-        x64 = x.double()
-        coef = dense.routing_coef(r.indices.reshape(1, -1), r.weights.reshape(1, -1).double(), layer.scaling.double(), 7, False)
-        h = (x64 @ layer.lora_a.double().reshape(28, 40).T).view(7, 4)
-        want = torch.nn.functional.linear(x64, layer.base.weight.double(), layer.base.bias.double())
-        want = want + torch.einsum("e,er,edr->d", coef[0], h, b64)
-        assert (out.view(56).double() - want).norm() <= tol * want.norm()
-        assert (out.double() - routed.double()).norm() <= tol * want.norm()
-    assert len(calls) == len(xs)
-
-
-@pytest.mark.parametrize("mode,top_k,temperature", [("topk", 2, 1.0), ("topk", 3, 0.6), ("topk_unnormalized", 2, 1.0),
-                                                    ("topk_unnormalized", 1, 2.5)])
-def test_one_token_routing_is_the_tensor_routing(mode, top_k, temperature):
-    """The one-token path's routing on Python floats picks the adapters torch's routing picks (ties to the lower
-    index, +-inf logits included) with the same weights within float32 rounding."""
-    from meteora.routing import route_unchecked
-
-    gen = torch.Generator().manual_seed(top_k)
-    for trial in range(20):
-        logits = torch.randn(1, 9, generator=gen)
-        if trial % 3 == 0:  # ties
-            logits = logits.round()
-        if trial % 5 == 1:
-            logits[0, 4] = float("-inf")
-        routing = route_unchecked(logits, top_k, temperature, mode)
-        chosen, weights = dense.one_token_routing(logits[0].tolist(), top_k, temperature, mode)
-        assert chosen == routing.indices[0].tolist()
-        assert torch.allclose(torch.tensor(weights, dtype=torch.float64), routing.weights[0].double(), atol=1e-6)
-
-
-def test_one_token_nan_logits_take_the_tensor_path():
-    """A NaN gate logit has no order: the one-token path hands the token to the tensor path, which routes it as
-    every other path does (adapters in range, the routed path's output)."""
-    layer, x = stacked_layer(1, 40, 56, 7, 4, 2, torch.float32, seed=24)
-    with torch.no_grad():
-        layer.gate.weight[3] = float("nan")
-        y = torch.nn.functional.linear(x, layer._stack, layer._stack_bias)
-        assert dense._one_token_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.5, "topk") is None
-        out = dense.dense_stacked_mix(y, layer.lora_b_rows, layer.scaling, 2, 1.5, "topk")
-        layer.keep_routing = True
-        routed = layer(x)
-    assert torch.allclose(out, routed, rtol=0, atol=0, equal_nan=True)  # the same bits, NaNs where they fall
 
 
 def test_stacked_mix_plans_are_dropped_by_copies_and_moves():

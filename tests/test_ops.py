@@ -349,7 +349,7 @@ def test_layer_weights_share_one_buffer_and_inference_makes_one_product(bias, mo
     base = x.double() @ layer.base.weight.double().T + (layer.base.bias.double() if bias else 0)
     expected = base + float64_oracle(x, gate, lora_a, lora_b, scaling, 2, 1.0)[0]
     mixes = []
-    for name in ("moe_lora_mix_op", "dense_stacked_mix"):  # the mixtures read from the stacked product
+    for name in ("moe_lora_mix_op", "dense_stacked_mix", "cpu_stacked_mix"):  # the mixtures read from the stacked product
         real = getattr(meteora.layer, name)
         monkeypatch.setattr(meteora.layer, name, lambda *a, real=real: mixes.append(1) or real(*a))
 

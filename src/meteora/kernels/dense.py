@@ -10,8 +10,6 @@ their gradients (MoLoRA trains the adapters) from the saved h and the routing.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -67,15 +65,10 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
     scaling (N,) in the accumulation dtype. Returns out (T, d_out) in y's dtype.
 
     The same operations as :func:`dense_mix` on the same values, and no others: the logits are read in
-    place, no routing is returned, and the per-call Python work is kept to the operations themselves (at one
-    token on a CPU each one costs about as much as the arithmetic). One token in a top-k mode goes through
-    :func:`_one_token_mix` instead (the same routing; the output within rounding)."""
+    place, no routing is returned, and the per-call Python work is kept to the operations themselves. On a
+    CPU the layer calls the C++ form instead (:mod:`meteora.kernels.cpu`) where it could be built."""
     num_adapters, rank, d_out = lora_b_rows.shape
     num_tokens, nr = y.shape[0], num_adapters * rank
-    if num_tokens == 1 and mode != "soft":
-        out = _one_token_mix(y, lora_b_rows, scaling, top_k, temperature, mode)
-        if out is not None:
-            return out
     start = d_out + nr
     logits = y[:, start:start + num_adapters]
     if logits.dtype != torch.float64:
@@ -92,44 +85,6 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
         coef = coef.mul_(scaling.to(logits.dtype))
     mixed = (y[:, d_out:start].view(num_tokens, num_adapters, rank) * coef.unsqueeze(-1)).to(y.dtype)
     return torch.addmm(y[:, :d_out], mixed.view(num_tokens, nr), lora_b_rows.view(nr, d_out))
-
-
-def one_token_routing(logits: list[float], top_k: int, temperature: float, mode: str) -> tuple[list[int], list[float]]:
-    """The routing of one token from its N logits as Python floats (a top-k mode): the k chosen adapters, best
-    first (the lower index wins ties, as in every strategy), and their mixing weights, computed in double
-    precision. NaN logits are the caller's to rule out (they have no order)."""
-    order = sorted(range(len(logits)), key=logits.__getitem__, reverse=True)[:top_k]  # a stable sort
-    scaled = logits if temperature == 1 else [v / temperature for v in logits]
-    peak = scaled[order[0]]
-    kept = [math.exp(scaled[e] - peak) for e in order]
-    # topk: the softmax over the chosen; topk_unnormalized: over every adapter, the chosen ones' kept
-    total = sum(kept) if mode == "topk" else sum(math.exp(v - peak) for v in scaled)
-    return order, [v / total for v in kept]
-
-
-def _one_token_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch.Tensor, top_k: int, temperature: float,
-                   mode: str) -> torch.Tensor | None:
-    """:func:`dense_stacked_mix` for one token in a top-k mode, from the k chosen adapters alone: the routing
-    on the N logits read as Python floats (:func:`one_token_routing`, no tensor operations), then out = base +
-    sum_j (w_j s_j) h_j B_j, one addmm per chosen adapter, k r terms instead of N r (of which all but k r are
-    zeros), so the output may differ from the dense mixture in the last bits. y (1, S) as for
-    :func:`dense_stacked_mix`. Returns None for logits with a NaN (or inf - inf), which the tensor path routes."""
-    num_adapters, rank, d_out = lora_b_rows.shape
-    start = d_out + num_adapters * rank
-    logits = y[0, start:start + num_adapters].tolist()
-    total = sum(logits)
-    if total != total:
-        return None
-    chosen, weights = one_token_routing(logits, top_k, temperature, mode)
-    scales = scaling.tolist()
-    out = None
-    for e, w in zip(chosen, weights):
-        h = y[:, d_out + e * rank:d_out + (e + 1) * rank]
-        if out is None:
-            out = torch.addmm(y[:, :d_out], h, lora_b_rows[e], alpha=w * scales[e])
-        else:
-            out.addmm_(h, lora_b_rows[e], alpha=w * scales[e])
-    return out
 
 
 def _mixture(hidden, indices, weights, scaling, b_flat, base, soft: bool) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""MeteoRA's mixture on the CPU in one C++ call (``cpu_mix.cpp``), built on first use with torch's extension
+builder and cached by it (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+A CPU spends microseconds on each small tensor operation, and the routing of the torch-operation form
+(:func:`meteora.kernels.dense.dense_stacked_mix`) takes about ten per projection: at few tokens they cost as
+much as the products. The extension routes each token in a loop over its logits and adds the chosen B's.
+It needs a C++ compiler (the build takes about 20 s, once); where it cannot be built the layer keeps the
+torch-operation form (the same routing, the output within rounding) and warns once with the reason.
+``METEORA_CPU_EXTENSION=0`` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
+# Up to this many tokens the extension adds the k chosen B's one row at a time; above it, one GEMM against
+# every adapter's B (measured: benchmarks/cpu_mix.py, SmolLM2-135M shapes, 10 adapters, r=8, 2 cores).
+SPARSE_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=1)
+def extension() -> ModuleType | None:
+    """The built extension, or None where it is turned off or cannot be built (a warning says why)."""
+    if os.environ.get("METEORA_CPU_EXTENSION", "1") == "0":
+        return None
+    source = Path(__file__).with_name("cpu_mix.cpp")
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # the pinned ninja package's binary, when its bin/ is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        return load("meteora_cpu_mix", [str(source)], extra_cflags=["-O3"], verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch-operation form instead
+        warnings.warn(f"meteora: the CPU mixture extension ({source.name}) could not be built, so the CPU layers "
+                      f"use torch operations (the same routing, slower at few tokens): {err}", stacklevel=2)
+        return None
+
+
+def stacked_mix(ext: ModuleType, y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch.Tensor, top_k: int,
+                temperature: float, mode: str) -> torch.Tensor:
+    """:func:`meteora.kernels.dense.dense_stacked_mix` in one call of the extension ``ext``: y (T, S) on the CPU
+    with unit last stride, lora_b_rows (N, r, d_out) contiguous in y's dtype, scaling (N,) (used in the
+    accumulation dtype; layouts checked in C++). The same routing; the output within rounding (the softmax's exponentials,
+    and up to ``SPARSE_TOKENS`` tokens a sum over the k r chosen terms instead of N r)."""
+    return ext.stacked_mix(y, lora_b_rows, scaling, top_k, temperature, MODES[mode], SPARSE_TOKENS)
