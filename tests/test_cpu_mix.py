@@ -84,23 +84,48 @@ def test_extension_nan_logits_give_the_torch_forms_nans():
         assert torch.allclose(out[[0, 1, 3, 4]], want[[0, 1, 3, 4]], rtol=1e-5, atol=1e-6)
 
 
-def test_extension_rejects_layouts_it_cannot_read():
+@pytest.mark.parametrize("mode,top_k", [("topk", 2), ("soft", 1), ("topk_unnormalized", 3)])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_routed_mix_returns_torchs_routing(mode, top_k, with_base):
+    """The operator's CPU forward (dense_mix through the extension) returns torch's routing of the same
+    logits (the chosen adapters exactly, the weights within float32 rounding, the logits as float32) and the
+    float64 output, from strided inputs (column blocks of one product, a transposed base) with and without a
+    base, at few tokens and many."""
+    from meteora.kernels.dense import dense_mix
+
+    for num_tokens in (3, cpu.SPARSE_TOKENS + 2):
+        y, b_rows, scaling = stacked_product(num_tokens, 20, 6, 4, torch.float32, num_tokens)
+        base, hidden, gate_logits = y[:, :20], y[:, 20:44], y[:, 44:50]
+        if with_base:
+            base = base.T.contiguous().T  # unit row stride: copied to rows inside
+        out, logits, indices, weights = dense_mix(gate_logits, hidden, b_rows.permute(0, 2, 1), scaling,
+                                                  base if with_base else None, top_k, 1.3, mode)
+        want = route_unchecked(gate_logits.float(), top_k, 1.3, mode)
+        assert torch.equal(logits, want.logits) and torch.equal(indices, want.indices.contiguous())
+        assert weights.dtype == torch.float32 and torch.allclose(weights, want.weights, rtol=1e-6, atol=1e-7)
+        expected = oracle(y, b_rows, scaling, top_k, 1.3, mode)
+        if not with_base:
+            expected = expected - y[:, :20].double()
+        assert rel_err(out, expected) < 1e-5
+
+
+def test_extension_rejects_inputs_it_cannot_read():
     y, b_rows, scaling = stacked_product(4, 24, 6, 3, torch.float32, 9)
-    with pytest.raises(RuntimeError, match="layouts"):
-        EXT.stacked_mix(y, b_rows.transpose(1, 2).contiguous().transpose(1, 2), scaling, 2, 1.0, 0, 64)
-    with pytest.raises(RuntimeError, match="layouts"):
-        EXT.stacked_mix(y[:, :30], b_rows, scaling, 2, 1.0, 0, 64)  # too few columns for h and the logits
+    with pytest.raises(RuntimeError, match="too few columns"):
+        EXT.stacked_mix(y[:, :30], b_rows, scaling, 2, 1.0, 0, 64)
+    with pytest.raises(RuntimeError, match="not the CPU tensors"):  # h of 5 adapters for the B of 6
+        EXT.routed_mix(y[:, 42:48], y[:, 24:39], None, b_rows, scaling, 2, 1.0, 0, 64)
+    with pytest.raises(RuntimeError, match="not the CPU tensors"):
+        EXT.routed_mix(y[:, 42:48], y[:, 24:42].double(), None, b_rows, scaling, 2, 1.0, 0, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_cpu_inference_calls_the_extension(dtype, monkeypatch):
     """MeteoRALinear's eager CPU inference goes through the extension at few and many tokens and gives the
     path that keeps the routing (the operator's dense form) within rounding."""
-    import meteora.layer
-
     calls = []
-    real = meteora.layer.cpu_stacked_mix
-    monkeypatch.setattr(meteora.layer, "cpu_stacked_mix", lambda *a: calls.append(1) or real(*a))
+    real = cpu.stacked_mix
+    monkeypatch.setattr(cpu, "stacked_mix", lambda *a: calls.append(1) or real(*a))
     gen = torch.Generator().manual_seed(10)
     lora_a, lora_b = torch.randn(5, 4, 32, generator=gen) / 6, torch.randn(5, 24, 4, generator=gen) / 2
     layer = MeteoRALinear(torch.nn.Linear(32, 24), lora_a, lora_b, torch.rand(5, generator=gen) + 0.5, top_k=2).to(dtype)

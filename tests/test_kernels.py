@@ -269,7 +269,7 @@ def test_dense_stacked_mix_is_the_routed_path_bit_for_bit(mode, top_k, dtype, mo
     if DEVICE == "cuda" and dtype != torch.float64:
         pytest.skip("on a GPU these dtypes take StackedMix (tested above)")
     layer, x = stacked_layer(13, 48, 24, 6, 4, top_k, dtype, mode, seed=21)
-    monkeypatch.setattr("meteora.layer.cpu_mix_extension", lambda: None)
+    monkeypatch.setattr("meteora.kernels.cpu.extension", lambda: None)
     calls = []
     real = dense.dense_stacked_mix
     monkeypatch.setattr("meteora.layer.dense_stacked_mix", lambda *args: calls.append(1) or real(*args))

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import cpu as cpu_mix
 from .kernels._common import SUPPORTED_DTYPES
-from .kernels.cpu import extension as cpu_mix_extension
-from .kernels.cpu import stacked_mix as cpu_stacked_mix
 from .kernels.dense import accumulation_dtype, dense_stacked_mix
 from .kernels.fused import StackedMix
 from .kernels.op import moe_lora_mix_op, moe_lora_op
@@ -185,8 +184,8 @@ class MeteoRALinear(nn.Module):
             lora_b_rows, scaling = self._parameters["lora_b_rows"], self._buffers["scaling"]
             if x.is_cuda and x.dtype in SUPPORTED_DTYPES:  # one launch (StackedMix)
                 out = self._stacked_mix(y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
-            elif x.device.type == "cpu" and (ext := cpu_mix_extension()) is not None:  # one C++ call
-                out = cpu_stacked_mix(ext, y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
+            elif x.device.type == "cpu" and (ext := cpu_mix.extension()) is not None:  # one C++ call
+                out = cpu_mix.stacked_mix(ext, y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
             else:  # the operator's dense form (float64 on CUDA; CPU without the extension), without its copies and checks
                 out = dense_stacked_mix(y, lora_b_rows, scaling, self.top_k, self.temperature, self.mode)
             if self.last_routing is not None:  # keep_routing is off on this path; a write costs about 1 us

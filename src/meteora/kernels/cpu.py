@@ -2,8 +2,10 @@
 builder and cached by it (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
 A CPU spends microseconds on each small tensor operation, and the routing of the torch-operation form
-(:func:`meteora.kernels.dense.dense_stacked_mix`) takes about ten per projection: at few tokens they cost as
-much as the products. The extension routes each token in a loop over its logits and adds the chosen B's.
+(:mod:`meteora.kernels.dense`) takes about ten per projection: at few tokens they cost as much as the
+products. The extension routes each token in a loop over its logits and adds the chosen B's: the forward of
+the operator's CPU form (:func:`routed_mix`, which returns the routing) and the layer's inference read from its
+stacked product (:func:`stacked_mix`).
 It needs a C++ compiler (the build takes about 20 s, once); where it cannot be built the layer keeps the
 torch-operation form (the same routing, the output within rounding) and warns once with the reason.
 ``METEORA_CPU_EXTENSION=0`` turns it off.
@@ -52,3 +54,12 @@ def stacked_mix(ext: ModuleType, y: torch.Tensor, lora_b_rows: torch.Tensor, sca
     accumulation dtype; layouts checked in C++). The same routing; the output within rounding (the softmax's exponentials,
     and up to ``SPARSE_TOKENS`` tokens a sum over the k r chosen terms instead of N r)."""
     return ext.stacked_mix(y, lora_b_rows, scaling, top_k, temperature, MODES[mode], SPARSE_TOKENS)
+
+
+def routed_mix(ext: ModuleType, gate_logits: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+               base: torch.Tensor | None, top_k: int, temperature: float, mode: str):
+    """:func:`meteora.kernels.dense.dense_mix` in one call of the extension: gate_logits (T, N) and hidden (T, N r)
+    on the CPU in one dtype, lora_b (N, d_out, r), base (T, d_out) or None. Returns (out, logits, indices,
+    weights) as it does: the same routing, the output within rounding."""
+    return tuple(ext.routed_mix(gate_logits, hidden, base, lora_b.permute(0, 2, 1), scaling, top_k, temperature, MODES[mode],
+                                SPARSE_TOKENS))

@@ -1,5 +1,6 @@
-// MeteoRA's mixture on the CPU in one call: the routing and the chosen B's, read from the layer's one stacked
-// product y = x [W; A_flat; W_g; 0]^T (see meteora/kernels/cpu.py, which builds and calls this file).
+// MeteoRA's mixture on the CPU in one call: the routing and the chosen B's, from the gate logits and h = x A^T
+// (routed_mix) or read from the layer's one stacked product y = x [W; A_flat; W_g; 0]^T (stacked_mix); see
+// meteora/kernels/cpu.py, which builds and calls this file.
 //
 // On a CPU each small tensor operation costs microseconds of dispatch, and the routing takes about ten of them;
 // here it is a loop over the N gate logits of each token. Then either the chosen adapters alone are added
@@ -7,9 +8,11 @@
 // coefficients are written onto h and one GEMM against every B is added to the base block (many tokens).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -22,11 +25,11 @@ inline bool before(acc_t a, acc_t b) {
   return (std::isnan(a) && !std::isnan(b)) || a > b;
 }
 
-// coef[e] = w_e s_e for the chosen adapters (0 for the others) of one token from its N logits; chosen[0..k) gets
-// the chosen adapters best first (every adapter in index order for the soft mode). Returns how many were chosen.
+// One token's routing from its N logits: chosen[0..k) the chosen adapters best first (every adapter in index order
+// for the soft mode), weight[0..k) their mixing weights, coef[e] = w_e s_e (0 off the chosen). Returns k.
 template <typename scalar_t, typename acc_t>
 int64_t route_token(const scalar_t* logits, int64_t n, int64_t k, acc_t temperature, Mode mode, const acc_t* scaling,
-                    acc_t* scaled, acc_t* coef, int64_t* chosen) {
+                    acc_t* scaled, acc_t* coef, int64_t* chosen, acc_t* weight) {
   for (int64_t e = 0; e < n; ++e) {
     scaled[e] = static_cast<acc_t>(logits[e]);
     coef[e] = 0;
@@ -63,7 +66,8 @@ int64_t route_token(const scalar_t* logits, int64_t n, int64_t k, acc_t temperat
   const acc_t inverse = acc_t(1) / total;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t e = chosen[j];
-    coef[e] = std::exp(scaled[e] - peak) * inverse * scaling[e];
+    weight[j] = std::exp(scaled[e] - peak) * inverse;
+    coef[e] = weight[j] * scaling[e];
   }
   return k;
 }
@@ -79,33 +83,63 @@ void axpy_base(acc_t c, const scalar_t* b, acc_t* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(b[i]);
 }
 
+// The mixture of T tokens: gate_logits (T, N) and hidden (T, N r) in scalar_t with unit last stride (row strides
+// any), base (T, d_out) the same or undefined (out = delta), b_rows (N, r, d_out) contiguous, scale (N,) in acc_t.
+// Where `routing` is given, fills it: logits (T, N) in acc_t, indices (T, k) int64, weights (T, k) in acc_t.
 template <typename scalar_t, typename acc_t>
-at::Tensor mix(const at::Tensor& y, const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k,
-               double temperature, Mode mode, int64_t sparse_tokens) {
-  const int64_t tokens = y.size(0), stride = y.stride(0);
-  const int64_t n = lora_b_rows.size(0), rank = lora_b_rows.size(1), d_out = lora_b_rows.size(2);
-  const int64_t gate_start = d_out + n * rank;
-  const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-  const scalar_t* b_data = lora_b_rows.const_data_ptr<scalar_t>();
-  const at::Tensor scale = scaling.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // no copy if it is
+at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base, const at::Tensor& b_rows,
+               const at::Tensor& scale, int64_t top_k, double temperature, Mode mode, int64_t sparse_tokens,
+               std::vector<at::Tensor>* routing) {
+  const int64_t tokens = hidden.size(0), n = b_rows.size(0), rank = b_rows.size(1), d_out = b_rows.size(2);
+  const int64_t k_out = mode == kSoft ? n : top_k;
+  const scalar_t* logit_data = gate_logits.const_data_ptr<scalar_t>();
+  const scalar_t* h_data = hidden.const_data_ptr<scalar_t>();
+  const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
   const acc_t* s_data = scale.const_data_ptr<acc_t>();
-  std::vector<acc_t> scaled(n), coef(n);
+  const int64_t logit_stride = gate_logits.stride(0), h_stride = hidden.stride(0);
+  acc_t* kept_logits = nullptr;
+  int64_t* kept_indices = nullptr;
+  acc_t* kept_weights = nullptr;
+  if (routing != nullptr) {
+    const auto acc_options = hidden.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    *routing = {at::empty({tokens, n}, acc_options), at::empty({tokens, k_out}, hidden.options().dtype(at::kLong)),
+                at::empty({tokens, k_out}, acc_options)};
+    kept_logits = (*routing)[0].mutable_data_ptr<acc_t>();
+    kept_indices = (*routing)[1].mutable_data_ptr<int64_t>();
+    kept_weights = (*routing)[2].mutable_data_ptr<acc_t>();
+  }
+  std::vector<acc_t> scaled(n), coef(n), weight(n);
   std::vector<int64_t> chosen(n);
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // one token's routing into coef / chosen, kept where asked for; returns how many adapters it chose
+  auto route = [&](int64_t t) {
+    const int64_t k = route_token(logit_data + t * logit_stride, n, top_k, static_cast<acc_t>(temperature), mode, s_data,
+                                  scaled.data(), coef.data(), chosen.data(), weight.data());
+    if (kept_logits != nullptr) {
+      for (int64_t e = 0; e < n; ++e) kept_logits[t * n + e] = static_cast<acc_t>(logit_data[t * logit_stride + e]);
+      for (int64_t j = 0; j < k; ++j) {
+        kept_indices[t * k + j] = chosen[j];
+        kept_weights[t * k + j] = weight[j];
+      }
+    }
+    return k;
+  };
 
   if (tokens <= sparse_tokens) {  // base + sum_j (w_j s_j h_j) B_j, the k chosen B's alone
-    at::Tensor out = at::empty({tokens, d_out}, y.options());
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    at::Tensor out = at::empty({tokens, d_out}, hidden.options());
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t base_stride = base.defined() ? base.stride(0) : 0;
     std::vector<acc_t> acc(d_out);
     for (int64_t t = 0; t < tokens; ++t) {
-      const scalar_t* row = y_data + t * stride;
-      const int64_t k = route_token(row + gate_start, n, top_k, static_cast<acc_t>(temperature), mode, s_data,
-                                    scaled.data(), coef.data(), chosen.data());
-      for (int64_t i = 0; i < d_out; ++i) acc[i] = static_cast<acc_t>(row[i]);
+      const int64_t k = route(t);
+      for (int64_t i = 0; i < d_out; ++i) {
+        acc[i] = base_data != nullptr ? static_cast<acc_t>(base_data[t * base_stride + i]) : acc_t(0);
+      }
       for (int64_t j = 0; j < k; ++j) {
         const int64_t e = chosen[j];
         for (int64_t q = 0; q < rank; ++q) {
-          const acc_t c = static_cast<acc_t>(row[d_out + e * rank + q]) * coef[e];
+          const acc_t c = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
           const scalar_t* b = b_data + (e * rank + q) * d_out;
           if (avx2) {
             axpy_avx2(c, b, acc.data(), d_out);
@@ -118,44 +152,77 @@ at::Tensor mix(const at::Tensor& y, const at::Tensor& lora_b_rows, const at::Ten
     }
     return out;
   }
-  // (coef * h) in y's dtype, zero off the chosen adapters, then base + it @ B_flat in one GEMM
-  at::Tensor mixed = at::empty({tokens, n * rank}, y.options());
+  // (coef * h) in the inputs' dtype, zero off the chosen adapters, then base + it @ B_flat in one GEMM
+  at::Tensor mixed = at::empty({tokens, n * rank}, hidden.options());
   scalar_t* mixed_data = mixed.mutable_data_ptr<scalar_t>();
   for (int64_t t = 0; t < tokens; ++t) {
-    const scalar_t* row = y_data + t * stride;
-    route_token(row + gate_start, n, top_k, static_cast<acc_t>(temperature), mode, s_data, scaled.data(), coef.data(),
-                chosen.data());
-    for (int64_t e = 0; e < n; ++e) {
-      for (int64_t q = 0; q < rank; ++q) {
-        const int64_t col = e * rank + q;
-        mixed_data[t * n * rank + col] = static_cast<scalar_t>(static_cast<acc_t>(row[d_out + col]) * coef[e]);
-      }
+    route(t);
+    for (int64_t col = 0; col < n * rank; ++col) {
+      mixed_data[t * n * rank + col] = static_cast<scalar_t>(static_cast<acc_t>(h_data[t * h_stride + col]) * coef[col / rank]);
     }
   }
-  return at::addmm(y.narrow(1, 0, d_out), mixed, lora_b_rows.view({n * rank, d_out}));
+  const at::Tensor b_flat = b_rows.view({n * rank, d_out});
+  return base.defined() ? at::addmm(base, mixed, b_flat) : at::mm(mixed, b_flat);
 }
 
-// y (T, S) with unit last stride, S >= d_out + N r + N; lora_b_rows (N, r, d_out) contiguous in y's dtype; scaling
-// (N,), used in float64 for float64 and float32 otherwise. Returns out (T, d_out) in y's dtype. Unchecked: the
-// caller (meteora.kernels.cpu.stacked_mix) passes what MeteoRALinear has checked at attach time.
+// A 2-D tensor with unit last stride: the tensor itself if it has one, else a contiguous copy.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return t.stride(1) == 1 ? t : t.contiguous();
+}
+
+std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base,
+                                 const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k, double temperature,
+                                 int64_t mode, int64_t sparse_tokens, bool keep_routing) {
+  const int64_t tokens = hidden.dim() == 2 ? hidden.size(0) : -1;
+  const bool readable =
+      hidden.is_cpu() && gate_logits.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() && hidden.dim() == 2 &&
+      gate_logits.dim() == 2 && lora_b_rows.dim() == 3 && scaling.dim() == 1 && gate_logits.size(0) == tokens &&
+      gate_logits.size(1) == lora_b_rows.size(0) && hidden.size(1) == lora_b_rows.size(0) * lora_b_rows.size(1) &&
+      scaling.numel() == lora_b_rows.size(0) && gate_logits.scalar_type() == hidden.scalar_type() &&
+      lora_b_rows.scalar_type() == hidden.scalar_type() && mode >= kTopK && mode <= kTopKUnnormalized &&
+      (mode == kSoft || (top_k >= 1 && top_k <= lora_b_rows.size(0))) &&
+      (!base.defined() || (base.is_cpu() && base.dim() == 2 && base.size(0) == tokens &&
+                           base.size(1) == lora_b_rows.size(2) && base.scalar_type() == hidden.scalar_type()));
+  TORCH_CHECK(readable, "meteora_cpu_mix: gate_logits ", gate_logits.sizes(), ", hidden ", hidden.sizes(), ", lora_b_rows ",
+              lora_b_rows.sizes(), ", scaling ", scaling.sizes(), ", base ", base.defined() ? base.sizes() : at::IntArrayRef{},
+              ", top_k ", top_k, ", mode ", mode, ": not the CPU tensors (T, N), (T, N r), (N, r, d_out), (N,), (T, d_out) "
+              "of one dtype it reads");
+  std::vector<at::Tensor> result(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "meteora_cpu_mix", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor scale = scaling.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // no copy if it is
+    std::vector<at::Tensor> routing;
+    result[0] = mix<scalar_t, acc_t>(unit_last_stride(gate_logits), unit_last_stride(hidden),
+                                     base.defined() ? unit_last_stride(base) : base, lora_b_rows.contiguous(), scale, top_k,
+                                     temperature, static_cast<Mode>(mode), sparse_tokens, keep_routing ? &routing : nullptr);
+    result.insert(result.end(), routing.begin(), routing.end());
+  });
+  return result;
+}
+
+// The mixture read from MeteoRALinear's stacked product y = x [W; A_flat; W_g; 0]^T (T, S): columns [0, d_out) the
+// base output, [d_out, d_out + N r) h, then the N gate logits. Returns out (T, d_out) in y's dtype.
 at::Tensor stacked_mix(const at::Tensor& y, const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k,
                        double temperature, int64_t mode, int64_t sparse_tokens) {
-  const bool readable = y.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() && y.dim() == 2 && y.stride(1) == 1 &&
-                        lora_b_rows.dim() == 3 && lora_b_rows.is_contiguous() && scaling.dim() == 1 &&
-                        scaling.numel() == lora_b_rows.size(0) &&
-                        y.size(1) >= lora_b_rows.size(2) + lora_b_rows.size(0) * (lora_b_rows.size(1) + 1);
-  TORCH_CHECK(readable, "meteora_cpu_mix.stacked_mix: y ", y.sizes(), " (strides ", y.strides(), "), lora_b_rows ",
-              lora_b_rows.sizes(), " and scaling ", scaling.sizes(), " do not have the layouts it reads (CPU tensors)");
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "meteora_stacked_mix", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    out = mix<scalar_t, acc_t>(y, lora_b_rows, scaling, top_k, temperature, static_cast<Mode>(mode), sparse_tokens);
-  });
-  return out;
+  TORCH_CHECK(y.dim() == 2 && lora_b_rows.dim() == 3 &&
+                  y.size(1) >= lora_b_rows.size(2) + lora_b_rows.size(0) * (lora_b_rows.size(1) + 1),
+              "meteora_cpu_mix.stacked_mix: y ", y.sizes(), " has too few columns for lora_b_rows ", lora_b_rows.sizes());
+  const int64_t n = lora_b_rows.size(0), d_out = lora_b_rows.size(2), start = d_out + n * lora_b_rows.size(1);
+  return dispatch(y.narrow(1, start, n), y.narrow(1, d_out, start - d_out), y.narrow(1, 0, d_out), lora_b_rows, scaling,
+                  top_k, temperature, mode, sparse_tokens, false)[0];
+}
+
+// The mixture from products already made, with the routing: (out, logits, indices, weights); base may be None.
+std::vector<at::Tensor> routed_mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const std::optional<at::Tensor>& base,
+                                   const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k, double temperature,
+                                   int64_t mode, int64_t sparse_tokens) {
+  return dispatch(gate_logits, hidden, base.value_or(at::Tensor()), lora_b_rows, scaling, top_k, temperature, mode,
+                  sparse_tokens, true);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("stacked_mix", &stacked_mix, "MeteoRA's routing and mixture read from the stacked product (CPU)");
+  m.def("stacked_mix", &stacked_mix, "MeteoRA's mixture read from the layer's stacked product (CPU)");
+  m.def("routed_mix", &routed_mix, "MeteoRA's mixture and its routing from the gate logits and h (CPU)");
 }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import route_unchecked, scaled_logits
+from . import cpu
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,7 +50,10 @@ def dense_forward(x, gate_x, gate_weight, lora_a, lora_b, scaling, base, top_k: 
 def dense_mix(gate_logits, hidden, lora_b, scaling, base, top_k: int, temperature: float, mode: str):
     """Routing and the mixture from the products already made: gate_logits (T, N) and h = x A^T (T, N r)
     in x's dtype with unit last stride (views into one stacked GEMM's output, or plain tensors); the
-    rest as for :func:`dense_forward`. Returns (out, logits, indices, weights)."""
+    rest as for :func:`dense_forward`. Returns (out, logits, indices, weights). On a CPU the C++ form of
+    :mod:`meteora.kernels.cpu` where it could be built (the same routing, the output within rounding)."""
+    if hidden.device.type == "cpu" and (ext := cpu.extension()) is not None:
+        return cpu.routed_mix(ext, gate_logits, hidden, lora_b, scaling, base, top_k, temperature, mode)
     acc = accumulation_dtype(hidden.dtype)
     routing = route_unchecked(gate_logits.to(acc, copy=True), top_k, temperature, mode)  # never an alias of the input
     indices = routing.indices.contiguous()
