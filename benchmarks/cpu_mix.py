@@ -1,4 +1,4 @@
-"""The CPU mixture's two paths against the torch-operation form and one LoRA, per projection, on the CPU.
+"""The CPU mixture extension against the torch-operation form and one LoRA, per projection, on the CPU.
 
 ``PYTHONPATH=src:. python -m benchmarks.cpu_mix [--config conf/benchmark/cpu.yaml] [--out FILE.json]``
 
@@ -6,12 +6,9 @@ For each output width of the profile's decoder layer (d_in = hidden) and each to
 microseconds per call, over interleaved rounds, of the mixture read from the stacked product y =
 x [W; A; W_g]^T (the GEMM itself not timed) by
 
-* ``chosen``: the C++ extension adding the k chosen B's alone (its path up to ``SPARSE_TOKENS``),
-* ``every``: the extension writing the routing onto h, then one GEMM against every B (its path above),
-* ``torch``: :func:`meteora.kernels.dense.dense_stacked_mix` (about ten tensor operations),
+* ``extension``: :func:`meteora.kernels.cpu.stacked_mix`, the C++ call (routing loop, the k chosen B's alone),
+* ``torch``: :func:`meteora.kernels.dense.dense_stacked_mix` (about ten tensor operations, every B),
 * ``single``: one LoRA's delta added to the base output (x A^T B^T s + base), what MeteoRA's mixture replaces.
-
-``SPARSE_TOKENS`` in :mod:`meteora.kernels.cpu` is where ``chosen`` stops being faster than ``every``.
 """
 
 from __future__ import annotations
@@ -54,16 +51,13 @@ def projection_row(d_in: int, d_out: int, tokens: int, num_adapters: int, rank: 
     a0, b0 = stack[d_out:d_out + rank], b_rows[0].T.contiguous()
     x = torch.randn(tokens, d_in, generator=gen)
     y = F.linear(x, stack)
-    mode = cpu.MODES["topk"]
     fns = {
-        "chosen": lambda: ext.stacked_mix(y, b_rows, scaling, top_k, 1.0, mode, 1 << 30),
-        "every": lambda: ext.stacked_mix(y, b_rows, scaling, top_k, 1.0, mode, 0),
+        "extension": lambda: cpu.stacked_mix(ext, y, b_rows, scaling, top_k, 1.0, "topk"),
         "torch": lambda: dense_stacked_mix(y, b_rows, scaling, top_k, 1.0, "topk"),
         "single": lambda: F.linear(F.linear(x, a0), b0) * 2.0 + y[:, :d_out],
     }
     want = fns["torch"]()
-    for name in ("chosen", "every"):  # the same mixture, within rounding
-        assert torch.allclose(fns[name](), want, rtol=1e-4, atol=1e-5), name
+    assert torch.allclose(fns["extension"](), want, rtol=1e-4, atol=1e-5)  # the same mixture, within rounding
     with torch.no_grad():
         us = time_rounds_us(fns, rounds, calls)
     return {"d_in": d_in, "d_out": d_out, "tokens": tokens, **{f"{name}_us": round(v, 2) for name, v in us.items()}}
@@ -89,7 +83,7 @@ def main() -> None:
                                  args.calls)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "sparse_tokens": cpu.SPARSE_TOKENS,
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
               "num_adapters": cfg.num_adapters, "rank": cfg.rank, "top_k": cfg.top_k, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

@@ -3,7 +3,10 @@ each way the project has had of running the mixture, side by side in one process
 
 * `loop`: one masked product per adapter (the original implementation's strategy), three-product layer;
 * `fused, unstacked`: the operator's single mixture call after separate base, gate and A products;
-* `fused, stacked` (the default, `auto` on CPU): one GEMM x [W; A; W_g]^T, then one mixture call;
+* `fused, stacked` (the default, `auto` on CPU): one GEMM x [W; A; W_g]^T, then one mixture call (the C++
+  extension of `meteora.kernels.cpu`);
+* `fused, stacked, torch operations`: the same with the extension turned off (the mixture's ten or so
+  tensor operations per projection, as before the extension);
 * `bare`: the base model alone on the same prompts (the floor), and `merged LoRA`: one PEFT adapter
   merged into the weights (how the oracle row answers).
 
@@ -17,6 +20,7 @@ reports/benchmark/evaluate_time.{json,md}. Run after `dvc repro`, on a quiet mac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -24,6 +28,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,11 +36,14 @@ from workspace import ROOT
 
 sys.path.insert(0, str(ROOT / "src"))
 
+TORCH_OPS = "meteora: fused, stacked, torch operations (no C++ extension)"
+
 
 def main(argv: list[str]) -> None:
     from peft import PeftModel
 
     from meteora import attach_meteora
+    from meteora.kernels import cpu as cpu_mix
     from stages.answers import DecodeSettings, Method, answer_tests
     from stages.common import load_config, set_threads
     from stages.setup import adapter_dir, decode_dtype, load_base, load_task_split, selected_tasks
@@ -63,6 +71,7 @@ def main(argv: list[str]) -> None:
     lora = PeftModel.from_pretrained(lora, str(adapter_dir(cfg, tasks[0])), adapter_name=tasks[0]).eval()
     systems = {
         "meteora: fused, stacked (default)": meteora("auto", True),
+        TORCH_OPS: meteora("auto", True),
         "meteora: fused, unstacked": meteora("fused", False),
         "meteora: loop (the original's strategy)": meteora("loop", False),
         "bare model": Method("bare", bare, tokenizer),
@@ -73,9 +82,12 @@ def main(argv: list[str]) -> None:
     with torch.inference_mode():
         for _ in range(args.rounds):
             for name, method in systems.items():
-                start = time.perf_counter()
-                answers[name] = answer_tests(method, tests, settings)
-                seconds[name].append(time.perf_counter() - start)
+                # the extension off: the layers' and the operator's CPU mixture in torch operations
+                off = mock.patch.object(cpu_mix, "extension", lambda: None) if name == TORCH_OPS else contextlib.nullcontext()
+                with off:
+                    start = time.perf_counter()
+                    answers[name] = answer_tests(method, tests, settings)
+                    seconds[name].append(time.perf_counter() - start)
     default = next(iter(systems))
     prompts = sum(len(v) for v in tests.values())
     bare_s = statistics.median(seconds["bare model"])

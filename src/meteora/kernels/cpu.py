@@ -3,7 +3,9 @@ builder and cached by it (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_
 
 A CPU spends microseconds on each small tensor operation, and the routing of the torch-operation form
 (:mod:`meteora.kernels.dense`) takes about ten per projection: at few tokens they cost as much as the
-products. The extension routes each token in a loop over its logits and adds the chosen B's: the forward of
+products. The extension routes each token in a loop over its logits and adds its k chosen B's alone (k r
+terms, not the N r of the dense product; one thread; each token on its own, so a token's output does not
+depend on the batch it came in, as sharded evaluation needs): the forward of
 the operator's CPU form (:func:`routed_mix`, which returns the routing) and the layer's inference read from its
 stacked product (:func:`stacked_mix`).
 It needs a C++ compiler (the build takes about 20 s, once); where it cannot be built the layer keeps the
@@ -22,9 +24,6 @@ from types import ModuleType
 import torch
 
 MODES = {"topk": 0, "soft": 1, "topk_unnormalized": 2}
-# Up to this many tokens the extension adds the k chosen B's one row at a time; above it, one GEMM against
-# every adapter's B (measured: benchmarks/cpu_mix.py, SmolLM2-135M shapes, 10 adapters, r=8, 2 cores).
-SPARSE_TOKENS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,8 +51,8 @@ def stacked_mix(ext: ModuleType, y: torch.Tensor, lora_b_rows: torch.Tensor, sca
     """:func:`meteora.kernels.dense.dense_stacked_mix` in one call of the extension ``ext``: y (T, S) on the CPU
     with unit last stride, lora_b_rows (N, r, d_out) contiguous in y's dtype, scaling (N,) (used in the
     accumulation dtype; layouts checked in C++). The same routing; the output within rounding (the softmax's exponentials,
-    and up to ``SPARSE_TOKENS`` tokens a sum over the k r chosen terms instead of N r)."""
-    return ext.stacked_mix(y, lora_b_rows, scaling, top_k, temperature, MODES[mode], SPARSE_TOKENS)
+    and a sum over the k r chosen terms instead of N r)."""
+    return ext.stacked_mix(y, lora_b_rows, scaling, top_k, temperature, MODES[mode])
 
 
 def routed_mix(ext: ModuleType, gate_logits: torch.Tensor, hidden: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
@@ -61,5 +60,4 @@ def routed_mix(ext: ModuleType, gate_logits: torch.Tensor, hidden: torch.Tensor,
     """:func:`meteora.kernels.dense.dense_mix` in one call of the extension: gate_logits (T, N) and hidden (T, N r)
     on the CPU in one dtype, lora_b (N, d_out, r), base (T, d_out) or None. Returns (out, logits, indices,
     weights) as it does: the same routing, the output within rounding."""
-    return tuple(ext.routed_mix(gate_logits, hidden, base, lora_b.permute(0, 2, 1), scaling, top_k, temperature, MODES[mode],
-                                SPARSE_TOKENS))
+    return tuple(ext.routed_mix(gate_logits, hidden, base, lora_b.permute(0, 2, 1), scaling, top_k, temperature, MODES[mode]))

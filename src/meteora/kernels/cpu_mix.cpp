@@ -3,9 +3,9 @@
 // meteora/kernels/cpu.py, which builds and calls this file.
 //
 // On a CPU each small tensor operation costs microseconds of dispatch, and the routing takes about ten of them;
-// here it is a loop over the N gate logits of each token. Then either the chosen adapters alone are added
-// (few tokens: k r rows of B per token, vectorised with AVX2 + FMA where the CPU has them) or the routing
-// coefficients are written onto h and one GEMM against every B is added to the base block (many tokens).
+// here it is a loop over the N gate logits of each token. Then the token's k chosen adapters alone are added to
+// its base output (k r rows of B, vectorised with AVX2 + FMA where the CPU has them): k r terms instead of the
+// N r of a dense product, and every token computed on its own, so its output does not depend on the batch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <pybind11/stl.h>
@@ -88,8 +88,7 @@ void axpy_base(acc_t c, const scalar_t* b, acc_t* acc, int64_t d) {
 // Where `routing` is given, fills it: logits (T, N) in acc_t, indices (T, k) int64, weights (T, k) in acc_t.
 template <typename scalar_t, typename acc_t>
 at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base, const at::Tensor& b_rows,
-               const at::Tensor& scale, int64_t top_k, double temperature, Mode mode, int64_t sparse_tokens,
-               std::vector<at::Tensor>* routing) {
+               const at::Tensor& scale, int64_t top_k, double temperature, Mode mode, std::vector<at::Tensor>* routing) {
   const int64_t tokens = hidden.size(0), n = b_rows.size(0), rank = b_rows.size(1), d_out = b_rows.size(2);
   const int64_t k_out = mode == kSoft ? n : top_k;
   const scalar_t* logit_data = gate_logits.const_data_ptr<scalar_t>();
@@ -124,45 +123,33 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
     return k;
   };
 
-  if (tokens <= sparse_tokens) {  // base + sum_j (w_j s_j h_j) B_j, the k chosen B's alone
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    at::Tensor out = at::empty({tokens, d_out}, hidden.options());
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
-    const int64_t base_stride = base.defined() ? base.stride(0) : 0;
-    std::vector<acc_t> acc(d_out);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t k = route(t);
-      for (int64_t i = 0; i < d_out; ++i) {
-        acc[i] = base_data != nullptr ? static_cast<acc_t>(base_data[t * base_stride + i]) : acc_t(0);
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = chosen[j];
-        for (int64_t q = 0; q < rank; ++q) {
-          const acc_t c = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
-          const scalar_t* b = b_data + (e * rank + q) * d_out;
-          if (avx2) {
-            axpy_avx2(c, b, acc.data(), d_out);
-          } else {
-            axpy_base(c, b, acc.data(), d_out);
-          }
+  // out = base + sum_j (w_j s_j h_j) B_j over the k chosen B's, accumulated in acc_t
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  at::Tensor out = at::empty({tokens, d_out}, hidden.options());
+  scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+  const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t base_stride = base.defined() ? base.stride(0) : 0;
+  std::vector<acc_t> acc(d_out);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t k = route(t);
+    for (int64_t i = 0; i < d_out; ++i) {
+      acc[i] = base_data != nullptr ? static_cast<acc_t>(base_data[t * base_stride + i]) : acc_t(0);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = chosen[j];
+      for (int64_t q = 0; q < rank; ++q) {
+        const acc_t c = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
+        const scalar_t* b = b_data + (e * rank + q) * d_out;
+        if (avx2) {
+          axpy_avx2(c, b, acc.data(), d_out);
+        } else {
+          axpy_base(c, b, acc.data(), d_out);
         }
       }
-      for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
     }
-    return out;
+    for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
   }
-  // (coef * h) in the inputs' dtype, zero off the chosen adapters, then base + it @ B_flat in one GEMM
-  at::Tensor mixed = at::empty({tokens, n * rank}, hidden.options());
-  scalar_t* mixed_data = mixed.mutable_data_ptr<scalar_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    route(t);
-    for (int64_t col = 0; col < n * rank; ++col) {
-      mixed_data[t * n * rank + col] = static_cast<scalar_t>(static_cast<acc_t>(h_data[t * h_stride + col]) * coef[col / rank]);
-    }
-  }
-  const at::Tensor b_flat = b_rows.view({n * rank, d_out});
-  return base.defined() ? at::addmm(base, mixed, b_flat) : at::mm(mixed, b_flat);
+  return out;
 }
 
 // A 2-D tensor with unit last stride: the tensor itself if it has one, else a contiguous copy.
@@ -172,7 +159,7 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 
 std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base,
                                  const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k, double temperature,
-                                 int64_t mode, int64_t sparse_tokens, bool keep_routing) {
+                                 int64_t mode, bool keep_routing) {
   const int64_t tokens = hidden.dim() == 2 ? hidden.size(0) : -1;
   const bool readable =
       hidden.is_cpu() && gate_logits.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() && hidden.dim() == 2 &&
@@ -194,7 +181,7 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
     std::vector<at::Tensor> routing;
     result[0] = mix<scalar_t, acc_t>(unit_last_stride(gate_logits), unit_last_stride(hidden),
                                      base.defined() ? unit_last_stride(base) : base, lora_b_rows.contiguous(), scale, top_k,
-                                     temperature, static_cast<Mode>(mode), sparse_tokens, keep_routing ? &routing : nullptr);
+                                     temperature, static_cast<Mode>(mode), keep_routing ? &routing : nullptr);
     result.insert(result.end(), routing.begin(), routing.end());
   });
   return result;
@@ -203,21 +190,20 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
 // The mixture read from MeteoRALinear's stacked product y = x [W; A_flat; W_g; 0]^T (T, S): columns [0, d_out) the
 // base output, [d_out, d_out + N r) h, then the N gate logits. Returns out (T, d_out) in y's dtype.
 at::Tensor stacked_mix(const at::Tensor& y, const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k,
-                       double temperature, int64_t mode, int64_t sparse_tokens) {
+                       double temperature, int64_t mode) {
   TORCH_CHECK(y.dim() == 2 && lora_b_rows.dim() == 3 &&
                   y.size(1) >= lora_b_rows.size(2) + lora_b_rows.size(0) * (lora_b_rows.size(1) + 1),
               "meteora_cpu_mix.stacked_mix: y ", y.sizes(), " has too few columns for lora_b_rows ", lora_b_rows.sizes());
   const int64_t n = lora_b_rows.size(0), d_out = lora_b_rows.size(2), start = d_out + n * lora_b_rows.size(1);
   return dispatch(y.narrow(1, start, n), y.narrow(1, d_out, start - d_out), y.narrow(1, 0, d_out), lora_b_rows, scaling,
-                  top_k, temperature, mode, sparse_tokens, false)[0];
+                  top_k, temperature, mode, false)[0];
 }
 
 // The mixture from products already made, with the routing: (out, logits, indices, weights); base may be None.
 std::vector<at::Tensor> routed_mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const std::optional<at::Tensor>& base,
                                    const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k, double temperature,
-                                   int64_t mode, int64_t sparse_tokens) {
-  return dispatch(gate_logits, hidden, base.value_or(at::Tensor()), lora_b_rows, scaling, top_k, temperature, mode,
-                  sparse_tokens, true);
+                                   int64_t mode) {
+  return dispatch(gate_logits, hidden, base.value_or(at::Tensor()), lora_b_rows, scaling, top_k, temperature, mode, true);
 }
 
 }  // namespace
