@@ -47,9 +47,14 @@ def rel_err(out, want):
 @pytest.mark.parametrize("mode,top_k,temperature", [("topk", 2, 1.0), ("topk", 3, 0.7), ("soft", 1, 1.5),
                                                     ("topk_unnormalized", 2, 1.0), ("topk_unnormalized", 1, 2.0)])
 def test_extension_matches_float64(dtype, mode, top_k, temperature):
-    for num_tokens, seed in ((1, 1), (9, 2)):
+    """B read in either layout, (N, r, d_out) rows or a permuted (N, d_out, r) (in place at one token, copied
+    at 9: more choices than adapters), or copied from any other layout."""
+    rows = lambda b: b
+    permuted = lambda b: b.transpose(1, 2).contiguous().transpose(1, 2)
+    other = lambda b: torch.cat([b, b], dim=1)[:, :b.shape[1]]
+    for num_tokens, seed, layout in ((1, 1, rows), (9, 2, rows), (1, 3, permuted), (9, 4, permuted), (5, 5, other)):
         y, b_rows, scaling = stacked_product(num_tokens, 40, 7, 4, dtype, seed)
-        out = EXT.stacked_mix(y, b_rows, scaling, top_k, temperature, cpu.MODES[mode])
+        out = EXT.stacked_mix(y, layout(b_rows), scaling, top_k, temperature, cpu.MODES[mode])
         assert out.dtype == dtype and out.shape == (num_tokens, 40)
         assert rel_err(out, oracle(y, b_rows, scaling, top_k, temperature, mode)) < TOL[dtype]
 

@@ -72,19 +72,39 @@ int64_t route_token(const scalar_t* logits, int64_t n, int64_t k, acc_t temperat
   return k;
 }
 
-// acc[0..d) += c * b[0..d); the same loop compiled twice, for AVX2 + FMA and for the baseline instruction set
+// acc[0..d) += sum_q c[q] B_e[q, :] for one adapter's B_e, stored as (r, d) rows (`rows`, a layer's B_flat) or as
+// (d, r) (an nn.Linear's weight, as callers of the operator pass it). Inlined into the two versions below.
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void axpy_avx2(acc_t c, const scalar_t* b, acc_t* acc, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(b[i]);
+__attribute__((always_inline)) inline void add_adapter(const acc_t* c, const scalar_t* b, bool rows, int64_t rank,
+                                                       int64_t d, acc_t* acc) {
+  if (rows) {
+    for (int64_t q = 0; q < rank; ++q) {
+      for (int64_t i = 0; i < d; ++i) acc[i] += c[q] * static_cast<acc_t>(b[q * d + i]);
+    }
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      acc_t sum = 0;
+      for (int64_t q = 0; q < rank; ++q) sum += c[q] * static_cast<acc_t>(b[i * rank + q]);
+      acc[i] += sum;
+    }
+  }
+}
+
+// the same loops compiled for AVX2 + FMA and for the baseline instruction set
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void add_adapter_avx2(const acc_t* c, const scalar_t* b, bool rows, int64_t rank,
+                                                          int64_t d, acc_t* acc) {
+  add_adapter(c, b, rows, rank, d, acc);
 }
 
 template <typename scalar_t, typename acc_t>
-void axpy_base(acc_t c, const scalar_t* b, acc_t* acc, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) acc[i] += c * static_cast<acc_t>(b[i]);
+void add_adapter_base(const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
+  add_adapter(c, b, rows, rank, d, acc);
 }
 
 // The mixture of T tokens: gate_logits (T, N) and hidden (T, N r) in scalar_t with unit last stride (row strides
-// any), base (T, d_out) the same or undefined (out = delta), b_rows (N, r, d_out) contiguous, scale (N,) in acc_t.
+// any), base (T, d_out) the same or undefined (out = delta), b_rows (N, r, d_out) contiguous or a permuted
+// contiguous (N, d_out, r), scale (N,) in acc_t.
 // Where `routing` is given, fills it: logits (T, N) in acc_t, indices (T, k) int64, weights (T, k) in acc_t.
 template <typename scalar_t, typename acc_t>
 at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base, const at::Tensor& b_rows,
@@ -93,6 +113,7 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
   const int64_t k_out = mode == kSoft ? n : top_k;
   const scalar_t* logit_data = gate_logits.const_data_ptr<scalar_t>();
   const scalar_t* h_data = hidden.const_data_ptr<scalar_t>();
+  const bool rows = b_rows.is_contiguous();  // else (N, d_out, r) contiguous, permuted: see dispatch
   const scalar_t* b_data = b_rows.const_data_ptr<scalar_t>();
   const acc_t* s_data = scale.const_data_ptr<acc_t>();
   const int64_t logit_stride = gate_logits.stride(0), h_stride = hidden.stride(0);
@@ -129,7 +150,7 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
   const int64_t base_stride = base.defined() ? base.stride(0) : 0;
-  std::vector<acc_t> acc(d_out);
+  std::vector<acc_t> acc(d_out), c(rank);
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t k = route(t);
     for (int64_t i = 0; i < d_out; ++i) {
@@ -137,14 +158,12 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
     }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = chosen[j];
-      for (int64_t q = 0; q < rank; ++q) {
-        const acc_t c = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
-        const scalar_t* b = b_data + (e * rank + q) * d_out;
-        if (avx2) {
-          axpy_avx2(c, b, acc.data(), d_out);
-        } else {
-          axpy_base(c, b, acc.data(), d_out);
-        }
+      for (int64_t q = 0; q < rank; ++q) c[q] = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
+      const scalar_t* b = b_data + e * rank * d_out;
+      if (avx2) {
+        add_adapter_avx2(c.data(), b, rows, rank, d_out, acc.data());
+      } else {
+        add_adapter_base(c.data(), b, rows, rank, d_out, acc.data());
       }
     }
     for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
@@ -155,6 +174,13 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
 // A 2-D tensor with unit last stride: the tensor itself if it has one, else a contiguous copy.
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : t.contiguous();
+}
+
+// B as (N, r, d_out): the tensor itself if contiguous, or a permuted contiguous (N, d_out, r) read in place while
+// the tokens choose fewer adapters in all than there are (its per-output dot products of r terms vectorise worse
+// than the rows' updates, so from there one contiguous copy is cheaper), else a contiguous copy.
+at::Tensor readable_b(const at::Tensor& b, int64_t choices) {
+  return b.is_contiguous() || (choices < b.size(0) && b.permute({0, 2, 1}).is_contiguous()) ? b : b.contiguous();
 }
 
 std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor& hidden, const at::Tensor& base,
@@ -180,7 +206,8 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
     const at::Tensor scale = scaling.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // no copy if it is
     std::vector<at::Tensor> routing;
     result[0] = mix<scalar_t, acc_t>(unit_last_stride(gate_logits), unit_last_stride(hidden),
-                                     base.defined() ? unit_last_stride(base) : base, lora_b_rows.contiguous(), scale, top_k,
+                                     base.defined() ? unit_last_stride(base) : base, readable_b(lora_b_rows, tokens * (mode == kSoft ? lora_b_rows.size(0) : top_k)), scale,
+                                     top_k,
                                      temperature, static_cast<Mode>(mode), keep_routing ? &routing : nullptr);
     result.insert(result.end(), routing.begin(), routing.end());
   });
