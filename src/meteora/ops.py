@@ -51,10 +51,10 @@ class AutoRule(NamedTuple):
 # What "auto" picks, the first matching row winning; from side-by-side measurements of the 7 projections of a
 # decoder layer (reports/benchmark/: benchmarks/, layer section). On CUDA the operator's Triton kernels at every
 # token count, its dense form for float64. On CPU (SmolLM2-135M shapes, 10 adapters, r=8, float32, 2 cores)
-# the operator's dense form is the fastest strategy measured at every token count (about 2.7x / 1.9x / 1.4x a
-# single LoRA at 1 / 16 / 256 tokens, against 3.0x / 3.2x / 5.7x for bmm): at few tokens its dozen small
-# routing ops, not the products, take the time. Rows for other strategies go here when a measurement
-# favours them somewhere.
+# the operator's CPU form (the C++ mixture of kernels/cpu_mix.cpp) is the fastest strategy measured at every
+# token count: called on its own, 1.25x / 1.33x / 1.24x a single LoRA at 1 / 16 / 256 tokens, against
+# 1.73x / 2.64x / 4.34x for bmm and 2.07x / 3.37x / 1.86x for loop (random routing, reports/benchmark/cpu.json).
+# Rows for other strategies go here when a measurement favours them somewhere.
 AUTO_TABLE: tuple[AutoRule, ...] = (
     AutoRule("cuda", None, None, 0, None, "fused"),
     AutoRule("cpu", None, None, 0, None, "fused"),
