@@ -125,11 +125,11 @@ def test_routed_mix_returns_torchs_routing(mode, top_k, with_base):
 
 def test_extension_rejects_inputs_it_cannot_read():
     y, b_rows, scaling = stacked_product(4, 24, 6, 3, torch.float32, 9)
-    with pytest.raises(RuntimeError, match="too few columns"):
+    with pytest.raises(ValueError, match=r"too few columns for lora_b_rows \[6, 3, 24\]"):
         EXT.stacked_mix(y[:, :30], b_rows, scaling, 2, 1.0, 0)
-    with pytest.raises(RuntimeError, match="not the CPU tensors"):  # h of 5 adapters for the B of 6
+    with pytest.raises(ValueError, match="not the CPU tensors"):  # h of 5 adapters for the B of 6
         EXT.routed_mix(y[:, 42:48], y[:, 24:39], None, b_rows, scaling, 2, 1.0, 0)
-    with pytest.raises(RuntimeError, match="not the CPU tensors"):
+    with pytest.raises(ValueError, match="not the CPU tensors"):
         EXT.routed_mix(y[:, 42:48], y[:, 24:42].double(), None, b_rows, scaling, 2, 1.0, 0)
 
 

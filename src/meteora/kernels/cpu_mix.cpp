@@ -13,6 +13,8 @@
 
 #include <cmath>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace {
@@ -171,6 +173,16 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
   return out;
 }
 
+// "[a, b, c]" ("undefined" for no tensor), with std::to_string: errors are std::invalid_argument (ValueError in
+// Python) with plain strings, not TORCH_CHECK's streamed messages, which crashed when thrown from this extension
+// built with g++ 13 against torch 2.11 (seen on a GPU host; plain-string errors were caught there).
+std::string shape_text(const at::Tensor& t) {
+  if (!t.defined()) return "undefined";
+  std::string text = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) text += (i ? ", " : "") + std::to_string(t.size(i));
+  return text + "]";
+}
+
 // A 2-D tensor with unit last stride: the tensor itself if it has one, else a contiguous copy.
 at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : t.contiguous();
@@ -188,18 +200,21 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
                                  int64_t mode, bool keep_routing) {
   const int64_t tokens = hidden.dim() == 2 ? hidden.size(0) : -1;
   const bool readable =
-      hidden.is_cpu() && gate_logits.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() && hidden.dim() == 2 &&
-      gate_logits.dim() == 2 && lora_b_rows.dim() == 3 && scaling.dim() == 1 && gate_logits.size(0) == tokens &&
+      hidden.is_cpu() && hidden.is_floating_point() && gate_logits.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() &&
+      hidden.dim() == 2 && gate_logits.dim() == 2 && lora_b_rows.dim() == 3 && scaling.dim() == 1 && gate_logits.size(0) == tokens &&
       gate_logits.size(1) == lora_b_rows.size(0) && hidden.size(1) == lora_b_rows.size(0) * lora_b_rows.size(1) &&
       scaling.numel() == lora_b_rows.size(0) && gate_logits.scalar_type() == hidden.scalar_type() &&
       lora_b_rows.scalar_type() == hidden.scalar_type() && mode >= kTopK && mode <= kTopKUnnormalized &&
       (mode == kSoft || (top_k >= 1 && top_k <= lora_b_rows.size(0))) &&
       (!base.defined() || (base.is_cpu() && base.dim() == 2 && base.size(0) == tokens &&
                            base.size(1) == lora_b_rows.size(2) && base.scalar_type() == hidden.scalar_type()));
-  TORCH_CHECK(readable, "meteora_cpu_mix: gate_logits ", gate_logits.sizes(), ", hidden ", hidden.sizes(), ", lora_b_rows ",
-              lora_b_rows.sizes(), ", scaling ", scaling.sizes(), ", base ", base.defined() ? base.sizes() : at::IntArrayRef{},
-              ", top_k ", top_k, ", mode ", mode, ": not the CPU tensors (T, N), (T, N r), (N, r, d_out), (N,), (T, d_out) "
-              "of one dtype it reads");
+  if (!readable) {
+    throw std::invalid_argument(
+        "meteora_cpu_mix: gate_logits " + shape_text(gate_logits) + ", hidden " + shape_text(hidden) + ", lora_b_rows " +
+        shape_text(lora_b_rows) + ", scaling " + shape_text(scaling) + ", base " + shape_text(base) + ", top_k " +
+        std::to_string(top_k) + ", mode " + std::to_string(mode) +
+        ": not the CPU tensors (T, N), (T, N r), (N, r, d_out), (N,), (T, d_out) of one dtype it reads");
+  }
   std::vector<at::Tensor> result(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "meteora_cpu_mix", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -218,9 +233,11 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
 // base output, [d_out, d_out + N r) h, then the N gate logits. Returns out (T, d_out) in y's dtype.
 at::Tensor stacked_mix(const at::Tensor& y, const at::Tensor& lora_b_rows, const at::Tensor& scaling, int64_t top_k,
                        double temperature, int64_t mode) {
-  TORCH_CHECK(y.dim() == 2 && lora_b_rows.dim() == 3 &&
-                  y.size(1) >= lora_b_rows.size(2) + lora_b_rows.size(0) * (lora_b_rows.size(1) + 1),
-              "meteora_cpu_mix.stacked_mix: y ", y.sizes(), " has too few columns for lora_b_rows ", lora_b_rows.sizes());
+  if (y.dim() != 2 || lora_b_rows.dim() != 3 ||
+      y.size(1) < lora_b_rows.size(2) + lora_b_rows.size(0) * (lora_b_rows.size(1) + 1)) {
+    throw std::invalid_argument("meteora_cpu_mix.stacked_mix: y " + shape_text(y) + " has too few columns for lora_b_rows " +
+                                shape_text(lora_b_rows));
+  }
   const int64_t n = lora_b_rows.size(0), d_out = lora_b_rows.size(2), start = d_out + n * lora_b_rows.size(1);
   return dispatch(y.narrow(1, start, n), y.narrow(1, d_out, start - d_out), y.narrow(1, 0, d_out), lora_b_rows, scaling,
                   top_k, temperature, mode, false)[0];
