@@ -92,12 +92,23 @@ __attribute__((always_inline)) inline void add_adapter(const acc_t* c, const sca
   }
 }
 
-// the same loops compiled for AVX2 + FMA and for the baseline instruction set
+// the same loops compiled for AVX2 + FMA (on x86) and for the baseline instruction set
+#if defined(__x86_64__) || defined(__i386__)
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void add_adapter_avx2(const acc_t* c, const scalar_t* b, bool rows, int64_t rank,
                                                           int64_t d, acc_t* acc) {
   add_adapter(c, b, rows, rank, d, acc);
 }
+
+inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+template <typename scalar_t, typename acc_t>
+void add_adapter_avx2(const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
+  add_adapter(c, b, rows, rank, d, acc);
+}
+
+inline bool has_avx2() { return false; }
+#endif
 
 template <typename scalar_t, typename acc_t>
 void add_adapter_base(const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
@@ -147,7 +158,7 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
   };
 
   // out = base + sum_j (w_j s_j h_j) B_j over the k chosen B's, accumulated in acc_t
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = has_avx2();
   at::Tensor out = at::empty({tokens, d_out}, hidden.options());
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
