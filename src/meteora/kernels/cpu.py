@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -39,7 +40,9 @@ def extension() -> ModuleType | None:
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        return load("meteora_cpu_mix", [str(source)], extra_cflags=["-O3"], verbose=False)
+        # OpenMP on Linux, where torch's own libgomp.so.1 is the one the extension then uses (at::parallel_for)
+        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+        return load("meteora_cpu_mix", [str(source)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: the torch-operation form instead
         warnings.warn(f"meteora: the CPU mixture extension ({source.name}) could not be built, so the CPU layers "
                       f"use torch operations (the same routing, slower at few tokens): {err}", stacklevel=2)

@@ -8,10 +8,13 @@
 // N r of a dense product, and every token computed on its own, so its output does not depend on the batch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -20,6 +23,9 @@
 namespace {
 
 enum Mode : int64_t { kTopK = 0, kSoft = 1, kTopKUnnormalized = 2 };
+
+// Tokens per thread at least (fewer run inline in the caller's thread: decode steps start no threads).
+constexpr int64_t kGrainTokens = 32;
 
 // descending order with NaN first, as torch.sort(descending=True) orders them; equal values keep index order
 template <typename acc_t>
@@ -74,6 +80,19 @@ int64_t route_token(const scalar_t* logits, int64_t n, int64_t k, acc_t temperat
   return k;
 }
 
+// One element as acc_t; bfloat16 from its raw bits (the upper half of a float32), which the compiler vectorises.
+template <typename acc_t, typename scalar_t>
+__attribute__((always_inline)) inline acc_t load(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[0]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<acc_t>(*p);
+  }
+}
+
 // acc[0..d) += sum_q c[q] B_e[q, :] for one adapter's B_e, stored as (r, d) rows (`rows`, a layer's B_flat) or as
 // (d, r) (an nn.Linear's weight, as callers of the operator pass it). Inlined into the two versions below.
 template <typename scalar_t, typename acc_t>
@@ -81,12 +100,12 @@ __attribute__((always_inline)) inline void add_adapter(const acc_t* c, const sca
                                                        int64_t d, acc_t* acc) {
   if (rows) {
     for (int64_t q = 0; q < rank; ++q) {
-      for (int64_t i = 0; i < d; ++i) acc[i] += c[q] * static_cast<acc_t>(b[q * d + i]);
+      for (int64_t i = 0; i < d; ++i) acc[i] += c[q] * load<acc_t>(b + q * d + i);
     }
   } else {
     for (int64_t i = 0; i < d; ++i) {
       acc_t sum = 0;
-      for (int64_t q = 0; q < rank; ++q) sum += c[q] * static_cast<acc_t>(b[i * rank + q]);
+      for (int64_t q = 0; q < rank; ++q) sum += c[q] * load<acc_t>(b + i * rank + q);
       acc[i] += sum;
     }
   }
@@ -141,46 +160,43 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
     kept_indices = (*routing)[1].mutable_data_ptr<int64_t>();
     kept_weights = (*routing)[2].mutable_data_ptr<acc_t>();
   }
-  std::vector<acc_t> scaled(n), coef(n), weight(n);
-  std::vector<int64_t> chosen(n);
-  // one token's routing into coef / chosen, kept where asked for; returns how many adapters it chose
-  auto route = [&](int64_t t) {
-    const int64_t k = route_token(logit_data + t * logit_stride, n, top_k, static_cast<acc_t>(temperature), mode, s_data,
-                                  scaled.data(), coef.data(), chosen.data(), weight.data());
-    if (kept_logits != nullptr) {
-      for (int64_t e = 0; e < n; ++e) kept_logits[t * n + e] = static_cast<acc_t>(logit_data[t * logit_stride + e]);
-      for (int64_t j = 0; j < k; ++j) {
-        kept_indices[t * k + j] = chosen[j];
-        kept_weights[t * k + j] = weight[j];
-      }
-    }
-    return k;
-  };
-
-  // out = base + sum_j (w_j s_j h_j) B_j over the k chosen B's, accumulated in acc_t
   const bool avx2 = has_avx2();
   at::Tensor out = at::empty({tokens, d_out}, hidden.options());
   scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
   const scalar_t* base_data = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
   const int64_t base_stride = base.defined() ? base.stride(0) : 0;
-  std::vector<acc_t> acc(d_out), c(rank);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t k = route(t);
-    for (int64_t i = 0; i < d_out; ++i) {
-      acc[i] = base_data != nullptr ? static_cast<acc_t>(base_data[t * base_stride + i]) : acc_t(0);
-    }
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = chosen[j];
-      for (int64_t q = 0; q < rank; ++q) c[q] = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
-      const scalar_t* b = b_data + e * rank * d_out;
-      if (avx2) {
-        add_adapter_avx2(c.data(), b, rows, rank, d_out, acc.data());
-      } else {
-        add_adapter_base(c.data(), b, rows, rank, d_out, acc.data());
+  // tokens in chunks over torch's intra-op threads (one chunk, inline, up to kGrainTokens); every token on its own
+  at::parallel_for(0, tokens, kGrainTokens, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scaled(n), coef(n), weight(n), acc(d_out), c(rank);
+    std::vector<int64_t> chosen(n);
+    for (int64_t t = begin; t < end; ++t) {
+      // the routing into coef / chosen / weight, kept where asked for
+      const int64_t k = route_token(logit_data + t * logit_stride, n, top_k, static_cast<acc_t>(temperature), mode,
+                                    s_data, scaled.data(), coef.data(), chosen.data(), weight.data());
+      if (kept_logits != nullptr) {
+        for (int64_t e = 0; e < n; ++e) kept_logits[t * n + e] = static_cast<acc_t>(logit_data[t * logit_stride + e]);
+        for (int64_t j = 0; j < k; ++j) {
+          kept_indices[t * k + j] = chosen[j];
+          kept_weights[t * k + j] = weight[j];
+        }
       }
+      // out = base + sum_j (w_j s_j h_j) B_j over the k chosen B's, accumulated in acc_t
+      for (int64_t i = 0; i < d_out; ++i) {
+        acc[i] = base_data != nullptr ? static_cast<acc_t>(base_data[t * base_stride + i]) : acc_t(0);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = chosen[j];
+        for (int64_t q = 0; q < rank; ++q) c[q] = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
+        const scalar_t* b = b_data + e * rank * d_out;
+        if (avx2) {
+          add_adapter_avx2(c.data(), b, rows, rank, d_out, acc.data());
+        } else {
+          add_adapter_base(c.data(), b, rows, rank, d_out, acc.data());
+        }
+      }
+      for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
     }
-    for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
-  }
+  });
   return out;
 }
 
