@@ -9,8 +9,10 @@ stage's ``eval.dtype``), a batch of random prompts, greedy decoding of a fixed n
 ``bare``, ``peft_lora`` (one LoRA), ``meteora`` (the profile's adapters, the extension) and
 ``meteora_torch_ops`` (the same model with the extension turned off: the mixture in torch operations).
 Interleaved rounds; per system the median seconds per ``generate`` and the median per-round ratio to
-``meteora_torch_ops`` and to ``bare`` with 95% bootstrap intervals. Both MeteoRA variants must give the same
-tokens (the routing is the same; the outputs agree within rounding), which is checked and reported.
+``meteora_torch_ops`` and to ``bare`` with 95% bootstrap intervals, and in how many sequences the two MeteoRA
+variants generated the same tokens. On random weights in bfloat16 that count says little: many gate logits
+are near ties, so the two variants' rounding (each within bfloat16 of the other on one projection) flips some
+tokens' adapters, and the random adapters are large; both are as far from a float64 run of the same model.
 """
 
 from __future__ import annotations
