@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import cpu as cpu_mix
 from .kernels._common import SUPPORTED_DTYPES
 from .kernels.dense import accumulation_dtype, dense_stacked_mix
 from .kernels.fused import StackedMix
@@ -184,9 +183,7 @@ class MeteoRALinear(nn.Module):
             lora_b_rows, scaling = self._parameters["lora_b_rows"], self._buffers["scaling"]
             if x.is_cuda and x.dtype in SUPPORTED_DTYPES:  # one launch (StackedMix)
                 out = self._stacked_mix(y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
-            elif x.device.type == "cpu" and (ext := cpu_mix.extension()) is not None:  # one C++ call
-                out = cpu_mix.stacked_mix(ext, y, lora_b_rows, scaling, self.top_k, float(self.temperature), self.mode)
-            else:  # the operator's dense form (float64 on CUDA; CPU without the extension), without its copies and checks
+            else:  # CPU: one C++ call where it could be built; float64 on CUDA: the operator's dense form
                 out = dense_stacked_mix(y, lora_b_rows, scaling, self.top_k, self.temperature, self.mode)
             if self.last_routing is not None:  # keep_routing is off on this path; a write costs about 1 us
                 self.last_routing = None

@@ -52,8 +52,8 @@ class AutoRule(NamedTuple):
 # decoder layer (reports/benchmark/: benchmarks/, layer section). On CUDA the operator's Triton kernels at every
 # token count, its dense form for float64. On CPU (SmolLM2-135M shapes, 10 adapters, r=8, float32, 2 cores)
 # the operator's CPU form (the C++ mixture of kernels/cpu_mix.cpp) is the fastest strategy measured at every
-# token count: called on its own, 1.25x / 1.33x / 1.24x a single LoRA at 1 / 16 / 256 tokens, against
-# 1.73x / 2.64x / 4.34x for bmm and 2.07x / 3.37x / 1.86x for loop (random routing, reports/benchmark/cpu.json).
+# token count: called on its own, 1.24x / 1.33x / 1.21x a single LoRA at 1 / 16 / 256 tokens, against
+# 1.70x / 2.66x / 5.45x for bmm and 2.03x / 3.40x / 1.87x for loop (random routing, reports/benchmark/cpu.json).
 # Rows for other strategies go here when a measurement favours them somewhere.
 AUTO_TABLE: tuple[AutoRule, ...] = (
     AutoRule("cuda", None, None, 0, None, "fused"),

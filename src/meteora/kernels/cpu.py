@@ -4,12 +4,13 @@ builder and cached by it (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_
 A CPU spends microseconds on each small tensor operation, and the routing of the torch-operation form
 (:mod:`meteora.kernels.dense`) takes about ten per projection: at few tokens they cost as much as the
 products. The extension routes each token in a loop over its logits and adds its k chosen B's alone (k r
-terms, not the N r of the dense product; one thread; each token on its own, so a token's output does not
-depend on the batch it came in, as sharded evaluation needs): the forward of
-the operator's CPU form (:func:`routed_mix`, which returns the routing) and the layer's inference read from its
-stacked product (:func:`stacked_mix`).
-It needs a C++ compiler (the build takes about 20 s, once); where it cannot be built the layer keeps the
-torch-operation form (the same routing, the output within rounding) and warns once with the reason.
+terms, not the N r of the dense product; tokens in chunks over torch's intra-op threads; each token on its
+own, so a token's output does not depend on the batch it came in, as sharded evaluation needs): the forward
+of the operator's CPU form (:func:`routed_mix`, which returns the routing) and the layer's inference read from
+its stacked product (:func:`stacked_mix`), called by :func:`meteora.kernels.dense.dense_mix` and
+:func:`~meteora.kernels.dense.dense_stacked_mix` on CPU tensors.
+It needs a C++ compiler (the build takes about 15 s, once); where it cannot be built those keep the
+torch-operation form (the same routing, the output within rounding) and a warning says why, once.
 ``METEORA_CPU_EXTENSION=0`` turns it off.
 """
 from __future__ import annotations
@@ -52,9 +53,9 @@ def extension() -> ModuleType | None:
 def stacked_mix(ext: ModuleType, y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch.Tensor, top_k: int,
                 temperature: float, mode: str) -> torch.Tensor:
     """:func:`meteora.kernels.dense.dense_stacked_mix` in one call of the extension ``ext``: y (T, S) on the CPU
-    with unit last stride, lora_b_rows (N, r, d_out) contiguous in y's dtype, scaling (N,) (used in the
-    accumulation dtype; layouts checked in C++). The same routing; the output within rounding (the softmax's exponentials,
-    and a sum over the k r chosen terms instead of N r)."""
+    with unit last stride, lora_b_rows (N, r, d_out) in y's dtype, scaling (N,) (used in the accumulation
+    dtype; shapes checked in C++, ValueError). The same routing; the output within rounding (the softmax's
+    exponentials, and a sum over the k r chosen terms instead of N r)."""
     return ext.stacked_mix(y, lora_b_rows, scaling, top_k, temperature, MODES[mode])
 
 

@@ -111,27 +111,35 @@ __attribute__((always_inline)) inline void add_adapter(const acc_t* c, const sca
   }
 }
 
-// the same loops compiled for AVX2 + FMA (on x86) and for the baseline instruction set
+// the same loops compiled for AVX2 + FMA (on x86, where the CPU has them) and for the baseline instruction set
 #if defined(__x86_64__) || defined(__i386__)
 template <typename scalar_t, typename acc_t>
 __attribute__((target("avx2,fma"))) void add_adapter_avx2(const acc_t* c, const scalar_t* b, bool rows, int64_t rank,
                                                           int64_t d, acc_t* acc) {
   add_adapter(c, b, rows, rank, d, acc);
 }
-
-inline bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-#else
-template <typename scalar_t, typename acc_t>
-void add_adapter_avx2(const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
-  add_adapter(c, b, rows, rank, d, acc);
-}
-
-inline bool has_avx2() { return false; }
 #endif
 
 template <typename scalar_t, typename acc_t>
 void add_adapter_base(const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
   add_adapter(c, b, rows, rank, d, acc);
+}
+
+// Whether add_adapter_avx2 can run here.
+inline bool has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t, typename acc_t>
+void add_adapter_any(bool avx2, const acc_t* c, const scalar_t* b, bool rows, int64_t rank, int64_t d, acc_t* acc) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (avx2) return add_adapter_avx2(c, b, rows, rank, d, acc);
+#endif
+  add_adapter_base(c, b, rows, rank, d, acc);
 }
 
 // The mixture of T tokens: gate_logits (T, N) and hidden (T, N r) in scalar_t with unit last stride (row strides
@@ -187,12 +195,7 @@ at::Tensor mix(const at::Tensor& gate_logits, const at::Tensor& hidden, const at
       for (int64_t j = 0; j < k; ++j) {
         const int64_t e = chosen[j];
         for (int64_t q = 0; q < rank; ++q) c[q] = static_cast<acc_t>(h_data[t * h_stride + e * rank + q]) * coef[e];
-        const scalar_t* b = b_data + e * rank * d_out;
-        if (avx2) {
-          add_adapter_avx2(c.data(), b, rows, rank, d_out, acc.data());
-        } else {
-          add_adapter_base(c.data(), b, rows, rank, d_out, acc.data());
-        }
+        add_adapter_any(avx2, c.data(), b_data + e * rank * d_out, rows, rank, d_out, acc.data());
       }
       for (int64_t i = 0; i < d_out; ++i) out_data[t * d_out + i] = static_cast<scalar_t>(acc[i]);
     }
@@ -228,7 +231,8 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
   const int64_t tokens = hidden.dim() == 2 ? hidden.size(0) : -1;
   const bool readable =
       hidden.is_cpu() && hidden.is_floating_point() && gate_logits.is_cpu() && lora_b_rows.is_cpu() && scaling.is_cpu() &&
-      hidden.dim() == 2 && gate_logits.dim() == 2 && lora_b_rows.dim() == 3 && scaling.dim() == 1 && gate_logits.size(0) == tokens &&
+      hidden.dim() == 2 && gate_logits.dim() == 2 && lora_b_rows.dim() == 3 && scaling.dim() == 1 &&
+      gate_logits.size(0) == tokens &&
       gate_logits.size(1) == lora_b_rows.size(0) && hidden.size(1) == lora_b_rows.size(0) * lora_b_rows.size(1) &&
       scaling.numel() == lora_b_rows.size(0) && gate_logits.scalar_type() == hidden.scalar_type() &&
       lora_b_rows.scalar_type() == hidden.scalar_type() && mode >= kTopK && mode <= kTopKUnnormalized &&
@@ -247,10 +251,10 @@ std::vector<at::Tensor> dispatch(const at::Tensor& gate_logits, const at::Tensor
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor scale = scaling.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();  // no copy if it is
     std::vector<at::Tensor> routing;
+    const int64_t choices = tokens * (mode == kSoft ? lora_b_rows.size(0) : top_k);
     result[0] = mix<scalar_t, acc_t>(unit_last_stride(gate_logits), unit_last_stride(hidden),
-                                     base.defined() ? unit_last_stride(base) : base, readable_b(lora_b_rows, tokens * (mode == kSoft ? lora_b_rows.size(0) : top_k)), scale,
-                                     top_k,
-                                     temperature, static_cast<Mode>(mode), keep_routing ? &routing : nullptr);
+                                     base.defined() ? unit_last_stride(base) : base, readable_b(lora_b_rows, choices),
+                                     scale, top_k, temperature, static_cast<Mode>(mode), keep_routing ? &routing : nullptr);
     result.insert(result.end(), routing.begin(), routing.end());
   });
   return result;

@@ -70,7 +70,10 @@ def dense_stacked_mix(y: torch.Tensor, lora_b_rows: torch.Tensor, scaling: torch
 
     The same operations as :func:`dense_mix` on the same values, and no others: the logits are read in
     place, no routing is returned, and the per-call Python work is kept to the operations themselves. On a
-    CPU the layer calls the C++ form instead (:mod:`meteora.kernels.cpu`) where it could be built."""
+    CPU, as in :func:`dense_mix`, the C++ form of :mod:`meteora.kernels.cpu` where it could be built (the
+    same routing, the output within rounding)."""
+    if y.device.type == "cpu" and (ext := cpu.extension()) is not None:
+        return cpu.stacked_mix(ext, y, lora_b_rows, scaling, top_k, float(temperature), mode)
     num_adapters, rank, d_out = lora_b_rows.shape
     num_tokens, nr = y.shape[0], num_adapters * rank
     start = d_out + nr
